@@ -1,0 +1,78 @@
+"""The one place that decides where velollm-patch keeps things.
+
+Everything lives under two roots chosen by platformdirs: a data directory (installed builds, bench
+history) and a cache directory (downloaded sources, models, build work trees). ``VELOLLM_HOME``
+puts both under one directory, which is what tests and CI use to stay isolated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "velollm-patch"
+
+
+@dataclass(frozen=True)
+class Paths:
+    data: Path
+    cache: Path
+
+    @property
+    def builds(self) -> Path:
+        """Installed builds, one directory each, plus the ``current`` link."""
+        return self.data / "builds"
+
+    @property
+    def current_build(self) -> Path:
+        return self.builds / "current"
+
+    @property
+    def logs(self) -> Path:
+        return self.data / "logs"
+
+    @property
+    def bench(self) -> Path:
+        """Bench result files and the SQLite history."""
+        return self.data / "bench"
+
+    @property
+    def sources(self) -> Path:
+        """Read-only extracted upstream trees, keyed by source id."""
+        return self.cache / "sources"
+
+    @property
+    def downloads(self) -> Path:
+        return self.cache / "downloads"
+
+    @property
+    def models(self) -> Path:
+        return self.cache / "models"
+
+    @property
+    def work(self) -> Path:
+        """Fresh, patched copies of a source tree and their build directories."""
+        return self.cache / "work"
+
+    @property
+    def locks(self) -> Path:
+        return self.cache / "locks"
+
+
+def get_paths() -> Paths:
+    home = os.environ.get("VELOLLM_HOME")
+    if home:
+        root = Path(home).expanduser().resolve()
+        return Paths(data=root / "data", cache=root / "cache")
+    return Paths(
+        data=Path(platformdirs.user_data_dir(APP_NAME)),
+        cache=Path(platformdirs.user_cache_dir(APP_NAME)),
+    )
+
+
+def ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
