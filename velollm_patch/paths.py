@@ -76,3 +76,11 @@ def get_paths() -> Paths:
 def ensure_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def resource_dir(name: str) -> Path:
+    """``patches`` or ``templates``: inside the package when installed from a wheel, else the checkout's."""
+    packaged = Path(__file__).parent / "_data" / name
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / name

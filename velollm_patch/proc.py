@@ -91,7 +91,8 @@ def _run_streaming(
     log_file: Path | None,
 ) -> Result:
     kept: deque[str] = deque(maxlen=2000)
-    log_handle = log_file.open("a", encoding="utf-8") if log_file else None
+    # line-buffered so `tail -f` on a build log follows the build
+    log_handle = log_file.open("a", encoding="utf-8", buffering=1) if log_file else None
     try:
         if log_handle:
             log_handle.write(f"$ {format_command(argv)}\n")

@@ -1,0 +1,388 @@
+"""Plan and run a build of llama.cpp for this machine, then install it.
+
+:func:`plan_build` turns options + detected hardware into a :class:`BuildPlan` (source, patches,
+CMake flags, targets, install path) without changing anything; ``--dry-run`` prints it.
+:func:`run_build` carries it out: fresh copy → patches → configure → build → stage → smoke test →
+atomic install, under a lock, and reuses an existing build when every input is identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from velollm_patch import __version__, builds, models, patches, proc, serve, source
+from velollm_patch.errors import VelollmError
+from velollm_patch.files import sha256_file
+from velollm_patch.hardware import HardwareInfo
+from velollm_patch.paths import Paths, ensure_dir
+
+log = logging.getLogger("velollm_patch.build")
+
+GPU_CHOICES = ("auto", "cuda", "rocm", "metal", "vulkan", "cpu")
+TARGETS = ("llama-server", "llama-bench", "llama-perplexity", "llama-quantize", "llama-fit-params")
+# K/V cache type pairs the tuner may choose. CUDA only compiles flash-attention vec kernels for the
+# pairs named in GGML_CUDA_FA_QUANTS; others fall back to a slow f16 conversion.
+TUNABLE_KV_PAIRS = ("f16-f16", "q8_0-q8_0", "q8_0-q4_0", "q4_0-q4_0")
+MIN_FREE_DISK_BYTES = 3 * 1024**3  # source copy + objects + staged binaries, with headroom
+# x86 ISA flags we pass explicitly instead of GGML_NATIVE, so the plan is reproducible and can be
+# made for recorded hardware too.
+X86_ISA_OPTIONS = (
+    ("sse4_2", "GGML_SSE42"), ("avx", "GGML_AVX"), ("avx2", "GGML_AVX2"), ("bmi2", "GGML_BMI2"),
+    ("fma", "GGML_FMA"), ("f16c", "GGML_F16C"), ("avx_vnni", "GGML_AVX_VNNI"), ("avx512f", "GGML_AVX512"),
+    ("avx512_vbmi", "GGML_AVX512_VBMI"), ("avx512_vnni", "GGML_AVX512_VNNI"), ("avx512_bf16", "GGML_AVX512_BF16"),
+    ("amx_tile", "GGML_AMX_TILE"), ("amx_int8", "GGML_AMX_INT8"), ("amx_bf16", "GGML_AMX_BF16"),
+)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    gpu: str = "auto"
+    arch: tuple[str, ...] = ()  # CUDA compute capabilities ("8.6") or ROCm gfx targets ("gfx1100")
+    patches: str = "all"  # "all", "none" or a comma list of patch names
+    source: str = source.DEFAULT_SOURCE
+    jobs: int | None = None
+    build_type: str = "Release"
+    wait: float = 0  # seconds to wait for another build's lock
+    smoke_model: Path | None = None  # GGUF for the smoke test (default: the demo model)
+    make_current: bool = True
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    options: BuildOptions
+    backend: str
+    source: source.Source
+    series: patches.Series | None
+    selected: tuple[patches.Patch, ...]
+    patch_level: str
+    cmake_args: tuple[str, ...]
+    targets: tuple[str, ...]
+    generator: str
+    jobs: int
+    build_id: str
+    install_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> list[str]:
+        lines = [
+            f"source:   {self.source.spec} (llama.cpp {self.source.short_commit or 'unknown commit'}, "
+            f"version {self.source.llama_version or '?'})",
+            f"backend:  {self.backend}",
+        ]
+        if self.selected:
+            assert self.series is not None
+            lines.append(f"patches:  series {self.series.pin} level {self.series.level} ({self.patch_level})")
+            lines += [f"          {p.file.name}: {p.summary}" for p in self.selected]
+        else:
+            lines.append("patches:  none (vanilla upstream)")
+        lines.append(f"generator: {self.generator}, {self.jobs} jobs")
+        lines.append("cmake:    " + " ".join(self.cmake_args))
+        lines.append("targets:  " + " ".join(self.targets))
+        if self.env:
+            lines.append("env:      " + " ".join(f"{k}={v}" for k, v in sorted(self.env.items())))
+        lines.append(f"install:  {self.install_dir}")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "build_id": self.build_id,
+            "backend": self.backend,
+            "source": self.source.to_dict(),
+            "series": str(self.series.directory) if self.series else None,
+            "patch_level": self.patch_level,
+            "patches": [p.to_dict() for p in self.selected],
+            "cmake_args": list(self.cmake_args),
+            "targets": list(self.targets),
+            "generator": self.generator,
+            "jobs": self.jobs,
+            "env": self.env,
+            "install_dir": str(self.install_dir),
+        }
+
+
+def cuda_arch(capability: str) -> str:
+    """``"8.6"`` → ``"86-real"``; Blackwell ``"12.0"`` → ``"120a-real"`` (ggml needs the ``a`` variant)."""
+    match = re.fullmatch(r"(\d+)\.(\d+)", capability.strip())
+    if not match:
+        raise VelollmError(f"CUDA arch '{capability}' is not a compute capability like 8.6 or 9.0")
+    major, minor = match.groups()
+    suffix = "a" if major == "12" else ""
+    return f"{major}{minor}{suffix}-real"
+
+
+def choose_backend(gpu: str, hw: HardwareInfo) -> str:
+    if gpu not in GPU_CHOICES:
+        raise VelollmError(f"unknown --gpu '{gpu}': choose one of {', '.join(GPU_CHOICES)}")
+    return hw.backend() if gpu == "auto" else gpu
+
+
+def cmake_args_for(backend: str, hw: HardwareInfo, arch: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """Backend-specific CMake flags (and environment) for ``hw``; raises when a toolchain is missing."""
+    tools = hw.toolchain
+    args: list[str] = []
+    env: dict[str, str] = {}
+    if backend == "cuda":
+        if not tools.nvcc.present:
+            raise VelollmError(
+                "a CUDA build needs nvcc, which was not found: install the CUDA toolkit or use --gpu cpu"
+            )
+        detected = {g.compute_capability for g in hw.gpus if g.vendor == "nvidia" and g.compute_capability}
+        caps = arch or tuple(sorted(detected))
+        if not caps:
+            raise VelollmError("no NVIDIA GPU was detected to take the CUDA arch from: pass --arch, e.g. --arch 8.6")
+        args += [
+            "-DGGML_CUDA=ON",
+            "-DCMAKE_CUDA_ARCHITECTURES=" + ";".join(cuda_arch(c) for c in caps),
+            "-DGGML_CUDA_FA_QUANTS=" + ";".join(TUNABLE_KV_PAIRS),
+        ]
+    elif backend == "rocm":
+        if not tools.hipcc.present:
+            raise VelollmError("a ROCm build needs hipcc, which was not found: install ROCm or use --gpu vulkan|cpu")
+        targets = arch or tuple(sorted({g.gfx_target for g in hw.gpus if g.vendor == "amd" and g.gfx_target}))
+        if not targets:
+            raise VelollmError("no AMD GPU was detected to take the gfx target from: pass --arch, e.g. --arch gfx1100")
+        bad = [t for t in targets if not re.fullmatch(r"gfx[0-9a-f]+", t)]
+        if bad:
+            raise VelollmError(f"ROCm arch {', '.join(bad)} is not a gfx target like gfx1100")
+        args += ["-DGGML_HIP=ON", "-DGPU_TARGETS=" + ";".join(targets)]
+    elif backend == "metal":
+        if hw.os != "Darwin":
+            raise VelollmError("a Metal build needs macOS; use --gpu cpu or vulkan here")
+        args += ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"]
+    elif backend == "vulkan":
+        if shutil.which("glslc") is None:
+            raise VelollmError(
+                "a Vulkan build needs glslc (the shader compiler): install the Vulkan SDK or use --gpu cpu"
+            )
+        args += ["-DGGML_VULKAN=ON"]
+    elif backend == "cpu":
+        args += ["-DGGML_CUDA=OFF", "-DGGML_METAL=OFF"]
+    if backend != "metal":
+        args += _cpu_isa_args(hw)
+    return args, env
+
+
+def _cpu_isa_args(hw: HardwareInfo) -> list[str]:
+    if hw.cpu.arch in ("x86_64", "AMD64", "amd64"):
+        isa = [f"-D{option}={'ON' if hw.cpu.has(flag) else 'OFF'}" for flag, option in X86_ISA_OPTIONS]
+        return ["-DGGML_NATIVE=OFF", *isa]
+    # ARM feature strings differ between compilers; let ggml ask the compiler for this CPU.
+    return ["-DGGML_NATIVE=ON"]
+
+
+def plan_build(options: BuildOptions, hw: HardwareInfo, paths: Paths, *, fetch: bool = True) -> BuildPlan:
+    """Decide everything about a build. With ``fetch`` false, an uncached source is an error."""
+    backend = choose_backend(options.gpu, hw)
+    tools = hw.toolchain
+    if not tools.cmake.present:
+        raise VelollmError("cmake was not found: install cmake (3.14 or newer), e.g. `apt-get install cmake`")
+    if not (tools.cxx.present and tools.cc.present):
+        raise VelollmError(
+            "no C/C++ compiler was found: install gcc/g++ or clang, e.g. `apt-get install build-essential`"
+        )
+    if hw.disk_free_bytes < MIN_FREE_DISK_BYTES:
+        raise VelollmError(
+            f"only {hw.disk_free_bytes / 1024**3:.1f} GiB free where builds go ({paths.cache}); "
+            f"free {MIN_FREE_DISK_BYTES / 1024**3:.0f} GiB or set VELOLLM_HOME to a larger disk",
+            exit_code=4,
+        )
+    backend_args, env = cmake_args_for(backend, hw, options.arch)
+    src = source.fetch(options.source, paths) if fetch else _cached_source(options.source, paths)
+    series: patches.Series | None = None
+    selected: tuple[patches.Patch, ...] = ()
+    if options.patches != "none":
+        series = patches.find_series(src.commit)
+        selected = series.select(options.patches)
+    patch_level = series.level_string(selected) if series else ""
+    commit_stamp = (src.short_commit or "unknown") + (f"+velollm.{series.level}" if selected and series else "")
+    generator = "Ninja" if tools.ninja.present else "Unix Makefiles"
+    args = [
+        f"-G{generator}",
+        f"-DCMAKE_BUILD_TYPE={options.build_type}",
+        "-DBUILD_SHARED_LIBS=OFF",  # one self-contained binary per tool: a clean drop-in anywhere
+        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
+        "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",  # it would download the web UI at build time
+        "-DLLAMA_BUILD_NUMBER=0", f"-DLLAMA_BUILD_COMMIT={commit_stamp}",
+        *([f"-DVELOLLM_PATCH_LEVEL={patch_level}"] if patch_level else []),
+        *backend_args,
+    ]
+    if tools.ccache.present:
+        args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+        if backend == "cuda":
+            args.append("-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache")
+    jobs = options.jobs or max(1, hw.cpu.logical_cores)
+    identity = {
+        "source": [src.spec, src.commit, src.sdist_sha256],
+        "patches": [p.sha256 for p in selected],
+        "patch_level": patch_level,
+        # the generator and ccache change how we build, not what: keep them out of the identity
+        "cmake": sorted(a for a in args if not a.startswith(("-G", "-DCMAKE_C_COMPILER_LAUNCHER",
+                                                             "-DCMAKE_CXX_COMPILER_LAUNCHER",
+                                                             "-DCMAKE_CUDA_COMPILER_LAUNCHER"))),
+        "targets": list(TARGETS),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    flavour = "vanilla" if not selected else "patched"
+    build_id = f"{src.short_commit or 'local'}-{backend}-{flavour}-{digest}"
+    return BuildPlan(
+        options=options, backend=backend, source=src, series=series, selected=selected, patch_level=patch_level,
+        cmake_args=tuple(args), targets=TARGETS, generator=generator, jobs=jobs, build_id=build_id,
+        install_dir=paths.builds / build_id, env=env,
+    )
+
+
+def _cached_source(spec: str, paths: Paths) -> source.Source:
+    parsed = source.SourceSpec.parse(spec)
+    if parsed.kind == "path":
+        return source.fetch(spec, paths)
+    for cached in source.list_sources(paths):
+        if cached.spec == str(parsed):
+            return cached
+    if parsed.kind == "pypi" and parsed.location in source.PINS:
+        # Not fetched yet, but the pin tells us everything a plan needs.
+        pin = source.PINS[parsed.location]
+        return source.Source(
+            spec=str(parsed), tree=paths.sources / parsed.cache_id / "tree", commit=pin.commit,
+            llama_version=None, sdist_sha256=pin.sha256, fetched_at="(not fetched yet)",
+        )
+    raise VelollmError(f"source {spec} is not fetched yet: run `velollm-patch source fetch {spec}` first")
+
+
+ProgressCallback = Callable[[str, int, int], None]  # (stage description, done, total)
+
+
+def run_build(
+    plan: BuildPlan, hw: HardwareInfo, paths: Paths, *, on_progress: ProgressCallback | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> builds.InstalledBuild:
+    """Build, smoke-test and install ``plan``; make it current. Reuses an identical installed build."""
+    report = on_progress or (lambda stage, done, total: None)
+    with builds.BuildLock(paths, wait=plan.options.wait):
+        existing = plan.install_dir / builds.MANIFEST
+        if existing.is_file():
+            installed = builds.read_build(plan.install_dir)
+            log.info("build %s is already installed; reusing it", plan.build_id)
+        else:
+            builds.remove_leftovers(paths)
+            installed = _build_and_install(plan, hw, paths, report, on_line)
+        if plan.options.make_current:
+            builds.set_current(paths, installed)
+        return installed
+
+
+def _build_and_install(
+    plan: BuildPlan, hw: HardwareInfo, paths: Paths, report: ProgressCallback,
+    on_line: Callable[[str], None] | None,
+) -> builds.InstalledBuild:
+    work = ensure_dir(paths.work) / plan.build_id
+    staging = builds.staging_dir(paths, plan.build_id)
+    log_file = ensure_dir(paths.logs) / f"build-{plan.build_id}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    started = time.monotonic()
+    try:
+        report("copying source", 0, 0)
+        tree = source.fresh_copy(plan.source, work / "src")
+        if plan.selected:
+            assert plan.series is not None
+            report("applying patches", 0, len(plan.selected))
+            patches.apply(plan.series, plan.selected, tree)
+        report("configuring", 0, 0)
+        build_dir = work / "build"
+        env = {**plan.env, "CCACHE_BASEDIR": str(work), "CCACHE_NOHASHDIR": "1"}
+        proc.run(["cmake", "-S", tree, "-B", build_dir, *plan.cmake_args], env=env, log_file=log_file,
+                 on_line=on_line, what="cmake configure")
+        _compile(plan, build_dir, env, log_file, report, on_line)
+        report("smoke test", 0, 0)
+        _stage(plan, hw, build_dir, staging, started)
+        smoke_test(staging, plan.patch_level, plan.options.smoke_model or _default_model(paths), log_file)
+        installed = builds.install_staged(paths, staging, plan.build_id)
+    except BaseException:
+        # Ctrl-C, kill (SIGTERM is turned into an exception by the CLI) or failure: nothing half-done stays.
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("build log: %s", log_file)
+    return installed
+
+
+def _compile(
+    plan: BuildPlan, build_dir: Path, env: dict[str, str], log_file: Path, report: ProgressCallback,
+    on_line: Callable[[str], None] | None,
+) -> None:
+    step = re.compile(r"^\[(\d+)/(\d+)\]")  # ninja's "[n/N]" (make prints "[ 42%]", handled below)
+    percent = re.compile(r"^\[\s*(\d+)%\]")
+
+    def follow(line: str) -> None:
+        if match := step.match(line):
+            report("compiling", int(match.group(1)), int(match.group(2)))
+        elif match := percent.match(line):
+            report("compiling", int(match.group(1)), 100)
+        if on_line:
+            on_line(line)
+
+    proc.run(
+        ["cmake", "--build", build_dir, "--config", plan.options.build_type, "-j", str(plan.jobs),
+         "--target", *plan.targets],
+        env=env, log_file=log_file, on_line=follow, what="build",
+    )
+
+
+def _stage(plan: BuildPlan, hw: HardwareInfo, build_dir: Path, staging: Path, started: float) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    bin_dir = ensure_dir(staging / "bin")
+    binaries: dict[str, str] = {}
+    for target in plan.targets:
+        built = build_dir / "bin" / target
+        if not built.is_file():
+            raise VelollmError(f"the build did not produce {target}; see the build log")
+        shutil.copy2(built, bin_dir / target)
+        binaries[target] = sha256_file(bin_dir / target)
+    manifest = {
+        **plan.to_dict(),
+        "install_dir": str(plan.install_dir),
+        "velollm_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "build_seconds": round(time.monotonic() - started, 1),
+        "hardware": hw.to_dict(),
+        "toolchain": hw.to_dict().get("toolchain"),
+        "binaries": binaries,
+        "fa_kv_pairs": list(TUNABLE_KV_PAIRS) if plan.backend == "cuda" else None,
+    }
+    (staging / builds.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def smoke_test(build_dir: Path, patch_level: str, model: Path, log_file: Path) -> None:
+    """``--version`` must run and report our patch level; the server must load ``model`` and answer."""
+    server_bin = build_dir / "bin" / "llama-server"
+    version = proc.run([server_bin, "--version"], check=False, timeout=60)
+    if version.returncode != 0 or "version:" not in version.output:
+        raise VelollmError(f"smoke test: {server_bin} --version failed: {version.tail(3)}")
+    if patch_level and f"velollm patch level: {patch_level}" not in version.output:
+        raise VelollmError(f"smoke test: {server_bin} does not report patch level {patch_level}")
+    config = serve.ServerConfig(
+        binary=server_bin, model=model, args=("-c", "512", "-np", "1", "-t", str(min(4, os.cpu_count() or 1))),
+        log_file=log_file,
+    )
+    with serve.start_server(config, timeout=300) as server:
+        result = serve.complete(server, "The capital of France is", n_predict=8)
+        if not result.get("content"):
+            raise VelollmError(f"smoke test: llama-server answered an empty completion; log: {log_file}")
+        props = server.request("GET", "/props").json()
+        if props.get("velollm_patch_level", "") != patch_level:
+            raise VelollmError(f"smoke test: /props reports patch level {props.get('velollm_patch_level')!r}")
+
+
+def _default_model(paths: Paths) -> Path:
+    return models.fetch_model(paths)

