@@ -104,9 +104,11 @@ def test_second_build_lock_fails_with_a_clear_message(tmp_paths: Paths) -> None:
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with pytest.raises(VelollmError, match=r"another velollm-patch build is running \(pid \d+") as err:
-            with builds.BuildLock(tmp_paths, wait=0.5):
-                pass
+        with (
+            pytest.raises(VelollmError, match=r"another velollm-patch build is running \(pid \d+") as err,
+            builds.BuildLock(tmp_paths, wait=0.5),
+        ):
+            pass
         assert err.value.exit_code == 3
     finally:
         assert holder.stdin is not None

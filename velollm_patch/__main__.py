@@ -1,0 +1,3 @@
+from velollm_patch.cli import main
+
+main()
