@@ -18,6 +18,7 @@ from velollm_patch.build import BuildOptions, plan_build, run_build
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.paths import Paths, get_paths
 
+
 @pytest.fixture(scope="session")
 def velollm_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = Path(os.environ.get("VELOLLM_TEST_HOME") or tmp_path_factory.mktemp("velollm-home"))

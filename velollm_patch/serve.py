@@ -12,9 +12,11 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -152,3 +154,150 @@ def complete(server: RunningServer, prompt: str, n_predict: int = 16, **params: 
         raise VelollmError(f"llama-server answered {response.status_code} to /completion: {response.text[:200]}")
     result: dict[str, Any] = response.json()
     return result
+
+
+# --- supervision -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How :class:`Supervisor` reacts to a crashed or hung server.
+
+    A crash is followed by a restart after ``backoff_initial_s``, doubling with each further crash
+    in the last ``window_s`` up to ``backoff_max_s``; more than ``max_restarts`` crashes in the
+    window means the server cannot stay up (a bad flag, a GPU fault), and the supervisor gives up
+    rather than loop forever.
+    """
+
+    max_restarts: int = 5
+    window_s: float = 600.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    health_interval_s: float = 2.0
+    health_failures: int = 3
+    """Consecutive failed /health checks of a live process that count as a hang."""
+    health_timeout_s: float = 5.0
+    start_timeout_s: float = 600.0
+
+
+# A few tokens of a short prompt: loads the weights into the page cache and allocates the compute
+# buffers, so the first real request does not pay for them.
+WARMUP_PROMPT = "Hello"
+WARMUP_TOKENS = 4
+
+
+def warm_up(server: RunningServer) -> None:
+    complete(server, WARMUP_PROMPT, n_predict=WARMUP_TOKENS)
+
+
+class Supervisor:
+    """Keeps one llama-server up: start, warm up, watch /health, restart after a crash with bounded
+    exponential backoff, stop cleanly.
+
+    The port is fixed at the first start so the URL stays valid across restarts. :meth:`run`
+    blocks (it is meant for the main thread, where Ctrl-C interrupts it); :meth:`stop` may be
+    called from any thread.
+    """
+
+    def __init__(
+        self, config: ServerConfig, policy: RestartPolicy | None = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = replace(config, port=config.port or free_port(config.host))
+        self.policy = policy or RestartPolicy()
+        self.restarts = 0
+        self._on_event = on_event or (lambda message: None)
+        self._server: RunningServer | None = None
+        self._crashes: deque[float] = deque()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    @property
+    def server(self) -> RunningServer | None:
+        return self._server
+
+    def start(self) -> RunningServer:
+        """Start the server, wait for /health and warm it up; raise VelollmError if it cannot."""
+        server = start_server(self.config, timeout=self.policy.start_timeout_s)
+        try:
+            warm_up(server)
+        except BaseException:
+            server.stop()
+            raise
+        with self._lock:
+            self._server = server
+            if self._stopping.is_set():
+                # stop() ran while this one was starting: it must not outlive the supervisor.
+                server.stop()
+        return server
+
+    def run(self) -> None:
+        """Watch the server until :meth:`stop`; raises VelollmError once restarts are exhausted."""
+        if self._server is None:
+            self.start()
+        failures = 0
+        while not self._stopping.wait(self.policy.health_interval_s):
+            server = self._server
+            assert server is not None
+            code = server.process.poll()
+            if code is None:
+                if self._healthy(server):
+                    failures = 0
+                    continue
+                failures += 1
+                if failures < self.policy.health_failures:
+                    continue
+                self._on_event(f"llama-server (pid {server.pid}) stopped answering /health; restarting it")
+                server.stop()
+            else:
+                self._on_event(f"llama-server (pid {server.pid}) exited with code {code}")
+            failures = 0
+            self._restart(server)
+
+    def _healthy(self, server: RunningServer) -> bool:
+        try:
+            return server.request("GET", "/health", timeout=self.policy.health_timeout_s).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _restart(self, crashed: RunningServer) -> None:
+        now = time.monotonic()
+        self._crashes.append(now)
+        while self._crashes and now - self._crashes[0] > self.policy.window_s:
+            self._crashes.popleft()
+        if len(self._crashes) > self.policy.max_restarts:
+            raise VelollmError(
+                f"llama-server crashed {len(self._crashes)} times within {self.policy.window_s:.0f}s; giving up. "
+                f"Last log lines:\n{crashed.log_tail()}"
+            )
+        delay = min(self.policy.backoff_max_s, self.policy.backoff_initial_s * 2 ** (len(self._crashes) - 1))
+        self._on_event(f"restarting llama-server in {delay:.1f}s")
+        if self._stopping.wait(delay):
+            return
+        try:
+            server = self.start()
+        except VelollmError as exc:
+            # The dead process stays current, so the next check counts this as another crash.
+            self._on_event(f"restart failed: {exc}")
+            return
+        self.restarts += 1
+        self._on_event(f"llama-server restarted (pid {server.pid}) at {self.url}")
+
+    def stop(self) -> int | None:
+        """Stop watching and stop the server; returns its exit code (None if it never started)."""
+        self._stopping.set()
+        with self._lock:
+            server = self._server
+        return server.stop() if server is not None else None
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

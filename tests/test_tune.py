@@ -1,0 +1,569 @@
+"""The tuner (issue #6): server flag parsing, KV-type rules, planner decisions on recorded machines
+with real GGUF metadata, draft auto-selection on real GGUFs, and plans the real server accepts.
+
+The fast tests read the options from HELP_EXCERPT, lines copied verbatim from the pinned
+llama-server's ``--help``; ``test_help_excerpt_matches_the_real_server`` keeps the copy honest
+against the installed binary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.helpers import recorded_hardware
+from velollm_patch import proc, serve
+from velollm_patch.build import TUNABLE_KV_PAIRS
+from velollm_patch.builds import InstalledBuild
+from velollm_patch.cli import main
+from velollm_patch.errors import VelollmError
+from velollm_patch.hardware import GiB, HardwareInfo, MiB
+from velollm_patch.model import ModelInfo, find_draft_candidates, inspect_model
+from velollm_patch.paths import Paths
+from velollm_patch.server_flags import ServerFlags, parse_help, read_server_flags
+from velollm_patch.tune import (
+    BuildFacts,
+    Plan,
+    TuneRequest,
+    best_draft_length,
+    expected_speedup,
+    kv_pair_problem,
+    plan,
+)
+
+HELP_EXCERPT = """\
+----- common params -----
+
+-h,    --help, --usage                  print usage and exit
+-t,    --threads N                      number of CPU threads to use during generation (default: -1)
+                                        (env: LLAMA_ARG_THREADS)
+-tb,   --threads-batch N                number of threads to use during batch and prompt processing (default:
+                                        same as --threads)
+-c,    --ctx-size N                     size of the prompt context (default: 0, 0 = loaded from model)
+                                        (env: LLAMA_ARG_CTX_SIZE)
+--kv-unified-per-slot N                 context limit per parallel slot (default: unset, behavior unchanged).
+                                        when set without -c/--ctx-size, the shared KV pool is sized to
+                                        n_parallel*N
+                                        (env: LLAMA_ARG_KV_UNIFIED_PER_SLOT)
+-b,    --batch-size N                   logical maximum batch size (default: 2048)
+                                        (env: LLAMA_ARG_BATCH)
+-ub,   --ubatch-size N                  physical maximum batch size (default: 512)
+                                        (env: LLAMA_ARG_UBATCH)
+-kvu,  --kv-unified, -no-kvu, --no-kv-unified
+                                        use single unified KV buffer shared across all sequences (default:
+                                        enabled if number of slots is auto)
+                                        (env: LLAMA_ARG_KV_UNIFIED)
+-fa,   --flash-attn [on|off|auto]       set Flash Attention use ('on', 'off', or 'auto', default: 'auto')
+                                        (env: LLAMA_ARG_FLASH_ATTN)
+-ctk,  --cache-type-k TYPE              KV cache data type for K
+                                        allowed values: f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1
+                                        (default: f16)
+                                        (env: LLAMA_ARG_CACHE_TYPE_K)
+-ctv,  --cache-type-v TYPE              KV cache data type for V
+                                        allowed values: f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1
+                                        (default: f16)
+                                        (env: LLAMA_ARG_CACHE_TYPE_V)
+-ngl,  --gpu-layers, --n-gpu-layers N   max. number of layers to store in VRAM, either an exact number,
+                                        'auto', or 'all' (default: auto)
+                                        (env: LLAMA_ARG_N_GPU_LAYERS)
+-m,    --model FNAME                    model path to load
+                                        (env: LLAMA_ARG_MODEL)
+
+
+----- speculative params -----
+
+--spec-draft-model, -md, --model-draft FNAME
+                                        draft model for speculative decoding (default: unused)
+                                        (env: LLAMA_ARG_SPEC_DRAFT_MODEL)
+--spec-type none,draft-simple,draft-eagle3,draft-mtp,draft-dflash,draft-dspark,ngram-simple,ngram-map-k,ngram-map-k4v,ngram-mod,ngram-cache
+                                        comma-separated list of types of speculative decoding to use (default:
+                                        none)
+                                        (env: LLAMA_ARG_SPEC_TYPE)
+--spec-draft-n-max N                    number of tokens to draft for speculative decoding (default: 3)
+                                        (env: LLAMA_ARG_SPEC_DRAFT_N_MAX)
+--spec-draft-p-min, --draft-p-min P     minimum speculative decoding probability (greedy) (default: 0.00)
+                                        (env: LLAMA_ARG_SPEC_DRAFT_P_MIN)
+--draft, --draft-n, --draft-max N       the argument has been removed. use --spec-draft-n-max or
+                                        --spec-ngram-mod-n-max
+                                        (env: LLAMA_ARG_DRAFT_MAX)
+
+
+----- example-specific params -----
+
+-np,   --parallel N                     number of server slots (default: -1, -1 = auto)
+                                        (env: LLAMA_ARG_N_PARALLEL)
+--metrics                               enable prometheus compatible metrics endpoint (default: disabled)
+                                        (env: LLAMA_ARG_ENDPOINT_METRICS)
+"""  # noqa: E501 (the --spec-type line is as long as upstream prints it)
+
+KV_ON_DEMAND_HELP = """\
+--kv-on-demand                          commit KV cache memory on demand (needs -fa on)
+                                        (env: LLAMA_ARG_KV_ON_DEMAND)
+"""
+
+
+@pytest.fixture(scope="module")
+def flags() -> ServerFlags:
+    return ServerFlags("excerpt", tuple(parse_help(HELP_EXCERPT)))
+
+
+def facts(
+    flags: ServerFlags, backend: str = "cpu", patches: tuple[str, ...] = (),
+    fa_kv_pairs: tuple[str, ...] | None = None,
+) -> BuildFacts:
+    """A build as the planner sees it, without llama-fit-params: the arithmetic path."""
+    if backend == "cuda" and fa_kv_pairs is None:
+        fa_kv_pairs = TUNABLE_KV_PAIRS
+    return BuildFacts(f"test-{backend}", backend, patches, fa_kv_pairs, flags, None)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf: Path) -> ModelInfo:
+    return inspect_model(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_gguf: Path) -> ModelInfo:
+    return inspect_model(gemma3_gguf)
+
+
+@pytest.fixture(autouse=True)
+def no_local_model_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Draft searches see only the directories a test passes, not this machine's model stores."""
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "no-ollama"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-hf"))
+
+
+def choice(p: Plan, key: str) -> str:
+    found = [c for c in p.choices if c.key == key]
+    assert found, f"no choice {key} in {[c.key for c in p.choices]}"
+    assert found[0].reason, key
+    return found[0].value
+
+
+def reason(p: Plan, key: str) -> str:
+    return next(c.reason for c in p.choices if c.key == key)
+
+
+def arg(p: Plan, name: str) -> str | None:
+    args = list(p.args)
+    return args[args.index(name) + 1] if name in args else None
+
+
+# --------------------------------------------------------------------------------------------
+# server flags
+# --------------------------------------------------------------------------------------------
+
+
+def test_parse_help_names_values_env(flags: ServerFlags) -> None:
+    threads = flags.get("-t")
+    assert threads is not None and threads.names == ("-t", "--threads") and threads.value_hint == "N"
+    assert threads.env == "LLAMA_ARG_THREADS"
+    assert flags.get("--threads-batch") is not None and flags.get("-tb").env is None  # type: ignore[union-attr]
+    kvu = flags.get("--no-kv-unified")
+    assert kvu is not None and kvu.names == ("-kvu", "--kv-unified") and kvu.negative == ("-no-kvu", "--no-kv-unified")
+    assert flags.get("-ngl").names == ("-ngl", "--gpu-layers", "--n-gpu-layers")  # type: ignore[union-attr]
+    assert flags.get("-fa").choices() == ("on", "off", "auto")  # type: ignore[union-attr]
+    spec = flags.get("--spec-type")
+    assert spec is not None and "ngram-mod" in spec.choices() and "draft-simple" in spec.choices()
+    assert flags.first("--model-draft", "-md") == "--model-draft"
+    assert flags.get("--kv-unified-per-slot").env == "LLAMA_ARG_KV_UNIFIED_PER_SLOT"  # type: ignore[union-attr]
+    assert not flags.accepts("--help-me")
+
+
+def test_removed_flags_are_not_accepted(flags: ServerFlags) -> None:
+    # Upstream lists --draft-max only to tell users it is gone; passing it is a hard error.
+    assert not flags.accepts("--draft-max")
+    assert flags.first("--draft-max", "--spec-draft-n-max") == "--spec-draft-n-max"
+
+
+def test_env_assignment(flags: ServerFlags) -> None:
+    assert flags.env_assignment("-c", "4096") == ("LLAMA_ARG_CTX_SIZE", "4096")
+    assert flags.env_assignment("--kv-unified", None) == ("LLAMA_ARG_KV_UNIFIED", "1")
+    assert flags.env_assignment("-no-kvu", None) == ("LLAMA_ARG_KV_UNIFIED", "0")
+    assert flags.env_assignment("--metrics", None) == ("LLAMA_ARG_ENDPOINT_METRICS", "1")
+    assert flags.env_assignment("-tb", "2") is None
+    with pytest.raises(VelollmError, match="needs a value"):
+        flags.env_assignment("-c", None)
+
+
+# --------------------------------------------------------------------------------------------
+# KV type rules
+# --------------------------------------------------------------------------------------------
+
+
+def test_quantized_v_needs_flash_attention(smollm2: ModelInfo) -> None:
+    problem = kv_pair_problem(smollm2, "cpu", "q8_0", "q8_0", flash_attn=False, fa_kv_pairs=None)
+    assert problem is not None and "flash attention" in problem
+    # A quantized K alone works without it.
+    assert kv_pair_problem(smollm2, "cpu", "q8_0", "f16", flash_attn=False, fa_kv_pairs=None) is None
+
+
+def test_head_dims_must_fit_the_quantization_block(smollm2: ModelInfo) -> None:
+    odd = dataclasses.replace(smollm2, head_dim_k=80, head_dim_k_swa=80, head_dim_v=80, head_dim_v_swa=80)
+    assert not odd.head_dims_allow_quantized_kv()
+    problem = kv_pair_problem(odd, "cpu", "q8_0", "q8_0", flash_attn=True, fa_kv_pairs=None)
+    assert problem is not None and "head sizes" in problem
+    assert kv_pair_problem(odd, "cpu", "f16", "f16", flash_attn=True, fa_kv_pairs=None) is None
+
+
+def test_cuda_only_compiled_pairs_and_never_iq4_nl(smollm2: ModelInfo) -> None:
+    pairs = ("f16-f16", "q8_0-q8_0")
+    assert kv_pair_problem(smollm2, "cuda", "q8_0", "q8_0", flash_attn=True, fa_kv_pairs=pairs) is None
+    problem = kv_pair_problem(smollm2, "cuda", "q8_0", "q4_0", flash_attn=True, fa_kv_pairs=pairs)
+    assert problem is not None and "compiled" in problem
+    problem = kv_pair_problem(smollm2, "cuda", "iq4_nl", "iq4_nl", flash_attn=True, fa_kv_pairs=None)
+    assert problem is not None and "iq4_nl" in problem
+    # The CPU and Vulkan run any pair.
+    assert kv_pair_problem(smollm2, "cpu", "q8_0", "q4_0", flash_attn=True, fa_kv_pairs=pairs) is None
+    assert kv_pair_problem(smollm2, "vulkan", "iq4_nl", "q4_0", flash_attn=True, fa_kv_pairs=None) is None
+
+
+def test_metal_needs_equal_k_and_v(smollm2: ModelInfo) -> None:
+    problem = kv_pair_problem(smollm2, "metal", "q8_0", "q4_0", flash_attn=True, fa_kv_pairs=None)
+    assert problem is not None and "Metal" in problem
+    assert kv_pair_problem(smollm2, "metal", "q4_0", "q4_0", flash_attn=True, fa_kv_pairs=None) is None
+
+
+# --------------------------------------------------------------------------------------------
+# planner decisions on recorded machines
+# --------------------------------------------------------------------------------------------
+
+
+def test_cpu_2core_box(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    p = plan(smollm2, recorded_hardware("cpu-2core"), facts(flags))
+    assert p.backend == "cpu" and "no GPU" in reason(p, "backend")
+    assert (arg(p, "--threads"), arg(p, "--threads-batch")) == ("2", "2")
+    assert "--gpu-layers" not in p.args
+    # Balanced on the CPU keeps f16 K/V (no conversion per step) with flash attention on.
+    assert (arg(p, "--cache-type-k"), arg(p, "--cache-type-v"), arg(p, "--flash-attn")) == ("f16", "f16", "on")
+    assert choice(p, "kv_types") == "f16/f16"
+    assert arg(p, "--parallel") == "4" and "--kv-unified" in p.args
+    # 4 slots x 4096 would reserve more than upstream's default; without on-demand KV the pool is
+    # capped at the trained context (8192 for SmolLM2).
+    assert arg(p, "--ctx-size") == "8192" and arg(p, "--kv-unified-per-slot") == "4096"
+    assert (arg(p, "--batch-size"), arg(p, "--ubatch-size")) == ("2048", "512")
+    assert p.settings.speculation is None and choice(p, "speculation") == "off"
+    assert p.memory.method == "arithmetic" and p.memory.device_bytes == 0
+    assert p.memory.kv_bytes == smollm2.kv_bytes(8192, 4, "f16", "f16")
+    assert p.memory.weights_bytes == smollm2.file_size
+    assert p.env["LLAMA_ARG_MODEL"] == str(smollm2.path) and p.env["LLAMA_ARG_CTX_SIZE"] == "8192"
+    assert p.env["LLAMA_ARG_KV_UNIFIED"] == "1" and p.env["LLAMA_ARG_ENDPOINT_METRICS"] == "1"
+    assert p.not_applied == ()
+
+
+def test_cpu_box_with_little_ram_fails_clearly(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    hw = recorded_hardware("cpu-2core")
+    tiny = dataclasses.replace(hw, memory=dataclasses.replace(hw.memory, available_bytes=1 * GiB + 64 * MiB))
+    with pytest.raises(VelollmError, match="RAM is available"):
+        plan(smollm2, tiny, facts(flags))
+
+
+def test_rtx3060(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    p = plan(smollm2, recorded_hardware("rtx3060"), facts(flags, "cuda"))
+    assert "RTX 3060" in reason(p, "backend")
+    assert arg(p, "--gpu-layers") == str(smollm2.n_layers + 1) and choice(p, "gpu_layers") == "all"
+    # Balanced on a GPU: q8_0 K/V, one of the pairs compiled into the build.
+    assert (arg(p, "--cache-type-k"), arg(p, "--cache-type-v")) == ("q8_0", "q8_0")
+    # All on the GPU: a few threads feed it.
+    assert arg(p, "--threads") == "4"
+    # 11.3 GiB free: not enough to prefer 1024-token ubatches.
+    assert arg(p, "--ubatch-size") == "512"
+    assert p.memory.device_bytes > 0
+
+
+def test_rtx4090_and_h100_use_large_ubatches(smollm2: ModelInfo, gemma3: ModelInfo, flags: ServerFlags) -> None:
+    for machine in ("rtx4090", "h100"):
+        for model in (smollm2, gemma3):
+            p = plan(model, recorded_hardware(machine), facts(flags, "cuda"))
+            assert arg(p, "--ubatch-size") == "1024", machine
+            assert choice(p, "gpu_layers") == "all"
+
+
+def test_h100_quality_profile(gemma3: ModelInfo, flags: ServerFlags) -> None:
+    p = plan(gemma3, recorded_hardware("h100"), facts(flags, "cuda"), TuneRequest(profile="quality"))
+    assert (arg(p, "--cache-type-k"), arg(p, "--cache-type-v")) == ("f16", "f16")
+    # Each slot may use the full trained context of the shared pool.
+    assert arg(p, "--ctx-size") == str(gemma3.n_ctx_train) and "--kv-unified-per-slot" not in p.args
+    assert "full trained context" in reason(p, "ctx_per_slot")
+
+
+def test_m2max_memory_profile(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    p = plan(smollm2, recorded_hardware("m2max"), facts(flags, "metal"), TuneRequest(profile="memory"))
+    # q8_0 K / q4_0 V is the memory profile's first pick, but Metal needs K == V.
+    assert choice(p, "kv_types") == "q4_0/q4_0"
+    assert "Metal" in reason(p, "kv_types")
+    assert arg(p, "--parallel") == "1" and "--kv-unified" not in p.args and "--no-kv-unified" not in p.args
+    assert arg(p, "--ubatch-size") == "256"
+
+
+def test_cuda_memory_profile_respects_the_compiled_pairs(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    build = facts(flags, "cuda", fa_kv_pairs=("f16-f16", "q8_0-q8_0", "q4_0-q4_0"))
+    p = plan(smollm2, recorded_hardware("rtx3060"), build, TuneRequest(profile="memory"))
+    assert choice(p, "kv_types") == "q4_0/q4_0"
+    assert "compiled" in reason(p, "kv_types")
+    default = plan(smollm2, recorded_hardware("rtx3060"), facts(flags, "cuda"), TuneRequest(profile="memory"))
+    assert choice(default, "kv_types") == "q8_0/q4_0"
+
+
+def test_partial_offload_from_arithmetic(gemma3: ModelInfo, flags: ServerFlags) -> None:
+    hw = recorded_hardware("rtx3060")
+    gpu = dataclasses.replace(hw.gpus[0], vram_free_bytes=1024 * MiB + 600 * MiB)
+    small = dataclasses.replace(hw, gpus=(gpu,))
+    p = plan(gemma3, small, facts(flags, "cuda"))
+    layers = int(arg(p, "--gpu-layers") or "-1")
+    assert 0 < layers < gemma3.n_layers + 1
+    assert "the rest run on the CPU" in reason(p, "gpu_layers")
+    # Layers stay on the CPU, so its threads matter again.
+    assert arg(p, "--threads") == str(hw.cpu.physical_cores)
+    assert arg(p, "--threads-batch") == str(hw.cpu.logical_cores)
+
+
+def test_cpu_build_on_a_gpu_machine_plans_for_the_cpu(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    p = plan(smollm2, recorded_hardware("rtx4090"), facts(flags, "cpu"))
+    assert p.backend == "cpu" and "--gpu-layers" not in p.args
+    assert "CPU-only" in reason(p, "backend")
+
+
+def test_gpu_build_without_its_gpu_is_an_error(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    with pytest.raises(VelollmError, match="no nvidia GPU"):
+        plan(smollm2, recorded_hardware("cpu-2core"), facts(flags, "cuda"))
+
+
+def test_code_workload_uses_ngram_speculation(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    p = plan(smollm2, recorded_hardware("cpu-2core"), facts(flags), TuneRequest(workload="code"))
+    assert arg(p, "--spec-type") == "ngram-mod"
+    assert choice(p, "spec_ngram") == "ngram-mod"
+    assert p.env["LLAMA_ARG_SPEC_TYPE"] == "ngram-mod"
+    # Code needs more context per slot than chat.
+    assert arg(p, "--kv-unified-per-slot") is None and arg(p, "--ctx-size") == "8192"
+
+
+def test_requested_context_and_slots(gemma3: ModelInfo, flags: ServerFlags) -> None:
+    p = plan(gemma3, recorded_hardware("cpu-2core"), facts(flags), TuneRequest(ctx=2048, slots=2))
+    assert (arg(p, "--ctx-size"), arg(p, "--parallel"), arg(p, "--kv-unified-per-slot")) == ("4096", "2", "2048")
+    assert choice(p, "slots") == "2" and "as requested" in reason(p, "slots")
+    with pytest.raises(VelollmError, match="too small"):
+        plan(gemma3, recorded_hardware("cpu-2core"), facts(flags), TuneRequest(ctx=16))
+
+
+def test_kv_on_demand_when_the_build_has_it(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    with_flag = ServerFlags("excerpt+kv", (*flags.flags, *parse_help(KV_ON_DEMAND_HELP)))
+    p = plan(smollm2, recorded_hardware("cpu-2core"), facts(with_flag, patches=("kv-on-demand",)))
+    assert "--kv-on-demand" in p.args and choice(p, "kv_on_demand") == "on"
+    assert p.env["LLAMA_ARG_KV_ON_DEMAND"] == "1"
+    # Committed on demand, so every slot gets its whole context.
+    assert arg(p, "--ctx-size") == str(4 * 4096) and p.memory.kv_on_demand
+    # The patch without a server flag for it (renamed upstream, or an older build): not used.
+    p = plan(smollm2, recorded_hardware("cpu-2core"), facts(flags, patches=("kv-on-demand",)))
+    assert "--kv-on-demand" not in p.args and choice(p, "kv_on_demand") == "off"
+    # The flag without the patch recorded in the manifest: not used either.
+    p = plan(smollm2, recorded_hardware("cpu-2core"), facts(with_flag))
+    assert "--kv-on-demand" not in p.args
+
+
+def test_flags_the_server_lacks_are_reported_not_emitted(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    older = ServerFlags("older", tuple(f for f in flags.flags if "--kv-unified-per-slot" not in f.names))
+    p = plan(smollm2, recorded_hardware("cpu-2core"), facts(older))
+    assert "--kv-unified-per-slot" not in p.args
+    assert any("--kv-unified-per-slot" in n for n in p.not_applied)
+
+
+def test_plan_json_and_describe(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    p = plan(smollm2, recorded_hardware("cpu-2core"), facts(flags))
+    data = p.to_dict()
+    assert data["args"] == list(p.args) and data["env"] == p.env
+    assert data["memory"]["total_bytes"] == p.memory.total_bytes
+    assert all(c["reason"] for c in data["choices"])
+    text = "\n".join(p.describe())
+    assert "memory:" in text and "command: llama-server -m" in text
+
+
+def test_draft_length_grows_as_the_draft_gets_cheaper() -> None:
+    lengths = [best_draft_length(0.75, cost) for cost in (0.5, 0.3, 0.1, 0.03, 0.01)]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+    assert best_draft_length(0.9, 0.1) > best_draft_length(0.6, 0.1)
+    # No draft at all is a speed-up of 1; a free, always-right draft of k tokens gives k + 1.
+    assert expected_speedup(0.0, 0.0, 4) == 1.0
+    assert expected_speedup(0.999999, 0.0, 4) == pytest.approx(5.0, rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# real build: flags, memory oracle, drafts, plans the server accepts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_facts(patched_build: InstalledBuild, paths: Paths) -> BuildFacts:
+    return BuildFacts.from_build(patched_build, paths)
+
+
+@pytest.fixture(scope="module")
+def smollm2_f16(patched_build: InstalledBuild, smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 requantized to F16 by the build's llama-quantize: a bigger target the Q4_1 original drafts for."""
+    out = tmp_path_factory.mktemp("targets") / "smollm2-135m-f16.gguf"
+    proc.run(
+        [patched_build.bin("llama-quantize"), "--allow-requantize", smollm2_gguf, out, "F16"],
+        timeout=600, what="llama-quantize",
+    )
+    return out
+
+
+@pytest.mark.slow
+def test_help_excerpt_matches_the_real_server(patched_server: Path, paths: Paths, flags: ServerFlags) -> None:
+    real = read_server_flags(patched_server, paths)
+    for spec in flags.flags:
+        if spec.removed:
+            continue
+        found = real.get(spec.names[-1])
+        assert found is not None, spec.names
+        assert (found.names, found.negative, found.env) == (spec.names, spec.negative, spec.env)
+    assert not real.accepts("--draft-max")
+    assert real.get("--spec-type") is not None and "ngram-mod" in real.get("--spec-type").choices()  # type: ignore[union-attr]
+    # Cached per binary digest: a second read does not run the binary again.
+    cached = list((paths.cache / "server-flags").glob("*.json"))
+    assert any(p.stem == real.binary_sha256 for p in cached)
+    assert read_server_flags(patched_server, paths) == real
+
+
+@pytest.mark.slow
+def test_memory_oracle_on_the_real_build(
+    real_facts: BuildFacts, smollm2: ModelInfo, live_hardware: HardwareInfo
+) -> None:
+    assert real_facts.fit_params is not None
+    p = plan(smollm2, live_hardware, real_facts)
+    assert p.memory.method == "llama-fit-params"
+    # The dry run's KV matches the GGUF arithmetic (it reports whole MiB).
+    s = p.settings
+    expected = smollm2.kv_bytes(s.ctx_total, s.slots, s.cache_type_k, s.cache_type_v)
+    assert abs(p.memory.kv_bytes - expected) <= MiB
+    assert p.memory.weights_bytes > 0 and p.memory.compute_bytes > 0
+
+
+@pytest.mark.slow
+def test_draft_auto_selection_compatible_pair(
+    real_facts: BuildFacts, smollm2_f16: Path, smollm2_gguf: Path, live_hardware: HardwareInfo,
+) -> None:
+    target = inspect_model(smollm2_f16)
+    found = find_draft_candidates(target, [smollm2_gguf.parent])
+    assert [c.path for c in found] == [smollm2_gguf]
+    p = plan(target, live_hardware, real_facts, TuneRequest(draft_dirs=(smollm2_gguf.parent,)))
+    spec = p.settings.speculation
+    assert spec is not None and spec.draft is not None and spec.draft.path == smollm2_gguf
+    assert arg(p, "--spec-type") == "draft-simple"
+    assert arg(p, "--spec-draft-model") == str(smollm2_gguf)
+    # The Q4_1 file costs about a third of the F16 one per token: short drafts pay off most.
+    assert spec.draft_n_max == best_draft_length(0.65, spec.draft.bytes_ratio) == int(arg(p, "--spec-draft-n-max") or 0)
+    assert "expected" in reason(p, "spec_draft")
+    assert arg(p, "--spec-draft-p-min") == "0.75"
+    assert "same BPE vocabulary" in reason(p, "spec_draft")
+    # The draft's weights and KV (arithmetic: the dry run does not load drafts) are part of the plan.
+    assert p.memory.draft_bytes > 0
+
+
+@pytest.mark.slow
+def test_draft_auto_selection_incompatible_pair(
+    real_facts: BuildFacts, gemma3_gguf: Path, smollm2_gguf: Path, live_hardware: HardwareInfo,
+) -> None:
+    target = inspect_model(gemma3_gguf)
+    assert find_draft_candidates(target, [smollm2_gguf.parent]) == []
+    p = plan(target, live_hardware, real_facts, TuneRequest(draft_dirs=(smollm2_gguf.parent,)))
+    assert p.settings.speculation is None and "--spec-draft-model" not in p.args
+    with pytest.raises(VelollmError, match="cannot draft"):
+        plan(target, live_hardware, real_facts, TuneRequest(draft=str(smollm2_gguf)))
+
+
+@pytest.fixture
+def started(patched_server: Path) -> Iterator[list[serve.RunningServer]]:
+    running: list[serve.RunningServer] = []
+    yield running
+    for server in running:
+        server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workload", ["chat", "code"])
+def test_the_real_server_accepts_the_plan(
+    real_facts: BuildFacts, patched_server: Path, smollm2: ModelInfo, live_hardware: HardwareInfo, workload: str,
+    started: list[serve.RunningServer],
+) -> None:
+    p = plan(smollm2, live_hardware, real_facts, TuneRequest(workload=workload))
+    server = serve.start_server(serve.ServerConfig(binary=patched_server, model=smollm2.path, args=p.args))
+    started.append(server)
+    result = serve.complete(server, "def fibonacci(n):", n_predict=16)
+    assert result["content"]
+    props = server.request("GET", "/props").json()
+    assert props["total_slots"] == p.settings.slots
+
+
+@pytest.mark.slow
+def test_the_real_server_accepts_the_plan_as_environment(
+    real_facts: BuildFacts, patched_server: Path, smollm2: ModelInfo, live_hardware: HardwareInfo,
+    started: list[serve.RunningServer],
+) -> None:
+    p = plan(smollm2, live_hardware, real_facts, TuneRequest(workload="edit"))
+    # Only the environment carries the plan; start_server passes -m itself.
+    env = {k: v for k, v in p.env.items() if k != "LLAMA_ARG_MODEL"}
+    assert not any(k.startswith("LLAMA_ARG_") for k in os.environ)
+    server = serve.start_server(serve.ServerConfig(binary=patched_server, model=smollm2.path, env=env))
+    started.append(server)
+    props = server.request("GET", "/props").json()
+    assert props["total_slots"] == p.settings.slots
+    assert serve.complete(server, "Hello", n_predict=4)["content"] is not None
+
+
+@pytest.mark.slow
+def test_draft_plan_runs_on_the_real_server(
+    real_facts: BuildFacts, patched_server: Path, smollm2_f16: Path, smollm2_gguf: Path,
+    live_hardware: HardwareInfo, started: list[serve.RunningServer],
+) -> None:
+    target = inspect_model(smollm2_f16)
+    p = plan(target, live_hardware, real_facts, TuneRequest(workload="code", draft_dirs=(smollm2_gguf.parent,)))
+    assert arg(p, "--spec-type") == "ngram-mod,draft-simple"
+    server = serve.start_server(serve.ServerConfig(binary=patched_server, model=smollm2_f16, args=p.args))
+    started.append(server)
+    result = serve.complete(server, "def add(a, b):\n    return a + b\n\ndef sub(a, b):", n_predict=24)
+    assert result["content"]
+
+
+# --------------------------------------------------------------------------------------------
+# the commands
+# --------------------------------------------------------------------------------------------
+
+
+def test_inspect_command(gemma3_gguf: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", str(gemma3_gguf), "--ctx", "8192", "--slots", "4"])
+    assert result.exit_code == 0, result.output
+    assert "gemma3" in result.output and "sliding window 512" in result.output and "q8_0" in result.output
+    result = runner.invoke(main, ["inspect", str(gemma3_gguf), "--ctx", "8192", "--slots", "4", "--json"])
+    data = json.loads(result.output)
+    info = inspect_model(gemma3_gguf)
+    assert data["kv"]["types"]["f16"]["bytes"] == info.kv_bytes(8192, 4)
+    assert data["kv"]["types"]["q8_0"]["bytes_per_token"] == info.kv_bytes_per_token("q8_0", "q8_0")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model")
+    result = runner.invoke(main, ["inspect", str(junk)])
+    assert result.exit_code == 1 and "not a GGUF file" in result.output
+
+
+@pytest.mark.slow
+def test_tune_command(patched_build: InstalledBuild, smollm2_gguf: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["tune", str(smollm2_gguf), "--workload", "code", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["build_id"] == patched_build.build_id and "--spec-type" in data["args"]
+    assert all(c["reason"] for c in data["choices"]) and data["memory"]["method"] == "llama-fit-params"
+    result = runner.invoke(main, ["tune", str(smollm2_gguf), "--env"])
+    assert result.exit_code == 0 and "export LLAMA_ARG_CTX_SIZE=" in result.output
+    result = runner.invoke(main, ["tune", str(smollm2_gguf)])
+    assert result.exit_code == 0 and "kv_types" in result.output and "command: llama-server" in result.output
+    result = runner.invoke(main, ["tune", str(smollm2_gguf), "--profile", "turbo"])
+    assert result.exit_code == 2

@@ -1,0 +1,242 @@
+"""``velollm-patch ollama ...``: thin commands over :mod:`velollm_patch.ollama`.
+
+Every decision lives in the library; these commands gather inputs from options, the
+environment and a running server, call it, and print. Failures are :class:`VelollmError`
+one-liners that the top-level CLI prints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import click
+import psutil
+
+from velollm_patch import hardware
+from velollm_patch.builds import current_build
+from velollm_patch.errors import VelollmError
+from velollm_patch.ollama.api import OllamaClient
+from velollm_patch.ollama.config import (
+    GIB,
+    SYSTEMD_DROPIN_DIR,
+    ConfigFormat,
+    ConfigPlan,
+    CurrentState,
+    RecommendationInputs,
+    apply_config,
+    collect_current,
+    default_config_path,
+    recommend,
+)
+from velollm_patch.ollama.modelfile import (
+    ModelfileSpec,
+    ParamValue,
+    lint_modelfile,
+    render_modelfile,
+    spec_from_base,
+)
+from velollm_patch.ollama.server_swap import default_prefix, install_server, restore_server
+from velollm_patch.ollama.versions import OllamaVersion, parse_reported_version
+from velollm_patch.paths import get_paths
+
+
+@click.group("ollama")
+def ollama() -> None:
+    """Tune Ollama: Modelfiles, server settings, and our llama-server under Ollama."""
+
+
+def _version_option(value: str | None) -> str | None:
+    return str(OllamaVersion.parse(value)) if value else None
+
+
+@ollama.command("modelfile")
+@click.argument("model")
+@click.option("--num-ctx", type=click.IntRange(min=1), help="Context window per request slot.")
+@click.option("--num-batch", type=click.IntRange(min=1), help="Prompt batch size.")
+@click.option("--num-thread", type=click.IntRange(min=0), help="CPU threads (0: automatic).")
+@click.option("--num-gpu", type=click.IntRange(min=-1), help="Layers on the GPU (-1: automatic).")
+@click.option("--draft", type=click.Path(exists=True, path_type=Path),
+              help="Draft model file or directory for speculative decoding (Ollama 0.23.1+).")
+@click.option("--draft-num-predict", type=click.IntRange(min=0),
+              help="Tokens the draft proposes per step (Ollama 0.30+).")
+@click.option("--ollama-version", help="Ollama release the Modelfile is for (default: the server's,"
+              " else the newest known).")
+@click.option("--from-server", "server", is_flag=False, flag_value="", default=None, metavar="[URL]",
+              help="Carry TEMPLATE, SYSTEM, stop values and parameters over from MODEL on this server"
+              " (without URL: OLLAMA_HOST).")
+@click.option("--comment", "comments", multiple=True, help="A comment line for the top of the file.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write here instead of stdout.")
+def modelfile_cmd(
+    model: str, num_ctx: int | None, num_batch: int | None, num_thread: int | None,
+    num_gpu: int | None, draft: Path | None, draft_num_predict: int | None,
+    ollama_version: str | None, server: str | None, comments: tuple[str, ...], output: Path | None,
+) -> None:
+    """Write a Modelfile deriving from MODEL with the given settings."""
+    version = _version_option(ollama_version)
+    if server is not None:
+        with OllamaClient(server or None) as client:
+            show = client.show(model)
+            if version is None:
+                reported = parse_reported_version(client.version())
+                version = str(reported) if reported else None
+        spec = spec_from_base(show, model, ollama_version=version)
+    else:
+        spec = ModelfileSpec(model, ollama_version=version)
+    chosen: dict[str, ParamValue] = {
+        name: value for name, value in (
+            ("num_ctx", num_ctx), ("num_batch", num_batch), ("num_thread", num_thread),
+            ("num_gpu", num_gpu), ("draft_num_predict", draft_num_predict),
+        ) if value is not None
+    }
+    spec = replace(
+        spec.with_parameters(chosen),
+        draft=str(draft.resolve()) if draft else None,
+        comments=(*comments, *spec.comments),
+    )
+    text = render_modelfile(spec)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise VelollmError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    click.echo(f"wrote {output}", err=True)
+
+
+@ollama.command("lint")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ollama-version", help="Ollama release to check against (default: the newest known).")
+@click.pass_context
+def lint_cmd(ctx: click.Context, file: Path, ollama_version: str | None) -> None:
+    """Check FILE the way `ollama create` would; exit 1 if Ollama would refuse it."""
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise VelollmError(f"cannot read {file}: {exc.strerror or exc}") from exc
+    version = _version_option(ollama_version)
+    result = lint_modelfile(data, relative_dir=file.resolve().parent,
+                            ollama_version=OllamaVersion.parse(version) if version else None)
+    for kind, issues in (("error", result.errors), ("warning", result.warnings)):
+        for issue in issues:
+            where = f"{file}:{issue.line}" if issue.line else str(file)
+            click.echo(f"{where}: {kind}: {issue.message}")
+    if not result.ok:
+        ctx.exit(1)
+    suffix = f" ({len(result.warnings)} warning(s))" if result.warnings else ""
+    click.echo(f"{file}: `ollama create` accepts it{suffix}")
+
+
+def _print_plan(state: CurrentState, plan: ConfigPlan, fmt: ConfigFormat, path: Path) -> None:
+    if state.server_version is not None:
+        click.echo(f"Ollama {state.server_version} at {state.server_url},"
+                   f" {len(state.models)} model(s) loaded")
+    elif state.server_error is not None:
+        click.echo(f"No server answered: {state.server_error}")
+    click.echo(f"Settings for {fmt.value} ({path}):")
+    width = max(len(r.name) for r in plan.recommendations)
+    for rec in plan.recommendations:
+        current = rec.current if rec.current is not None else "(unset)"
+        value = rec.value if rec.value is not None else "(unset)"
+        mark = "  " if not rec.changes else "* "
+        click.echo(f"{mark}{rec.name:<{width}}  {current} -> {value}")
+        click.echo(f"  {'':<{width}}  why: {rec.why}")
+    for note in (*state.notes, *plan.warnings):
+        click.echo(f"warning: {note}")
+
+
+_NEXT_STEPS = {
+    ConfigFormat.SYSTEMD: "sudo systemctl daemon-reload && sudo systemctl restart ollama",
+    ConfigFormat.LAUNCHD: "launchctl load -w {path}, then quit and reopen the Ollama app",
+    ConfigFormat.ENV: "pass it with `docker run --env-file {path}` or EnvironmentFile={path}",
+    ConfigFormat.POWERSHELL: "powershell -File {path}, then quit Ollama from the tray and start it again",
+}
+
+
+@ollama.command("config")
+@click.option("--dry-run/--apply", "dry_run", default=True,
+              help="Show current -> recommended -> why (default), or write the settings.")
+@click.option("--format", "fmt_name", type=click.Choice([f.value for f in ConfigFormat]),
+              help="How the server gets its settings (default: this platform's).")
+@click.option("--path", type=click.Path(dir_okay=False, path_type=Path),
+              help="File to write (default depends on --format).")
+@click.option("--systemd-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=SYSTEMD_DROPIN_DIR, show_default=True, help="The ollama.service drop-in directory.")
+@click.option("--host", help="Ollama server to ask (default: OLLAMA_HOST).")
+@click.option("--ollama-version", help="Ollama release, when no server answers.")
+@click.option("--vram-gib", type=click.FloatRange(min=0),
+              help="Total GPU memory, 0 for none (default: detect this machine's GPUs).")
+@click.option("--gpus", type=click.IntRange(min=0), help="Number of GPUs with --vram-gib (default: 1).")
+@click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Requests that should run at once.")
+def config_cmd(
+    dry_run: bool, fmt_name: str | None, path: Path | None, systemd_dir: Path, host: str | None,
+    ollama_version: str | None, vram_gib: float | None, gpus: int | None, parallel: int,
+) -> None:
+    """Recommend Ollama server settings and, with --apply, write them (with a backup)."""
+    fmt = ConfigFormat(fmt_name) if fmt_name else ConfigFormat.for_platform()
+    target = path or default_config_path(fmt, systemd_dir=systemd_dir)
+    with OllamaClient(host) as client:
+        state = collect_current(environ=os.environ, systemd_dir=systemd_dir, client=client)
+    if vram_gib is None:
+        machine = RecommendationInputs.from_hardware(hardware.detect())
+    else:
+        machine = RecommendationInputs(
+            vram_bytes=int(vram_gib * GIB), ram_bytes=int(psutil.virtual_memory().total),
+            cpu_cores=psutil.cpu_count(logical=False), gpu_count=gpus)
+    inputs = replace(machine, models=state.models, parallel_requests=parallel,
+                     ollama_version=_version_option(ollama_version) or state.server_version)
+    plan = recommend(inputs, state.values_for(fmt))
+    _print_plan(state, plan, fmt, target)
+    if dry_run:
+        click.echo("Dry run: nothing written; --apply writes it.")
+        return
+    result = apply_config(plan, fmt, target)
+    if not result.changed:
+        click.echo(f"{target} already holds these settings; nothing changed.")
+        return
+    backup = f" (previous version kept as {result.backup})" if result.backup else ""
+    click.echo(f"wrote {target}{backup}")
+    click.echo("next: " + _NEXT_STEPS[fmt].format(path=target))
+
+
+@ollama.command("install-server")
+@click.option("--prefix", type=click.Path(file_okay=False, path_type=Path),
+              help="Ollama install prefix (default: from the ollama on PATH).")
+@click.option("--server", "server_bin", type=click.Path(dir_okay=False, path_type=Path),
+              help="Our llama-server (default: the current build's bin/llama-server).")
+@click.option("--force", is_flag=True, help="Install even if the llama.cpp commits differ.")
+def install_server_cmd(prefix: Path | None, server_bin: Path | None, force: bool) -> None:
+    """Make Ollama (0.30+) run our patched llama-server; the original is kept."""
+    if server_bin is None:
+        build = current_build(get_paths())
+        if build is None:
+            raise VelollmError("no current build: build one with `velollm-patch build`, or pass --server")
+        server_bin = build.bin("llama-server")
+    ours = server_bin
+    result = install_server(prefix or default_prefix(), ours, force)
+    if not result.changed:
+        click.echo(f"{result.target} already is this llama-server ({result.installed}); nothing changed.")
+        return
+    click.echo(f"installed {ours} as {result.target}")
+    click.echo(f"  Ollama's: {result.original} (kept as {result.backup.name})")
+    click.echo(f"  now:      {result.installed}")
+    if result.forced:
+        click.echo("  warning: the llama.cpp commits differ (--force)")
+    for lib in result.libraries:
+        click.echo(f"  added {lib}")
+    click.echo("Restart Ollama so new models load with it; `velollm-patch ollama restore-server` undoes this.")
+
+
+@ollama.command("restore-server")
+@click.option("--prefix", type=click.Path(file_okay=False, path_type=Path),
+              help="Ollama install prefix (default: from the ollama on PATH).")
+def restore_server_cmd(prefix: Path | None) -> None:
+    """Put Ollama's original llama-server back."""
+    result = restore_server(prefix or default_prefix())
+    click.echo(f"restored {result.target}: {result.restored}")
+    for lib in result.removed_libraries:
+        click.echo(f"  removed {lib}")

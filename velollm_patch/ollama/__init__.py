@@ -1,0 +1,8 @@
+"""Ollama integration: Modelfiles Ollama accepts, server settings, and our llama-server under it.
+
+- :mod:`.modelfile` parses, lints and writes Modelfiles exactly as ``ollama create`` reads them.
+- :mod:`.api` is a typed client for the HTTP API (version, ps, show, generate metrics).
+- :mod:`.config` recommends and writes ``OLLAMA_*``/``LLAMA_ARG_*`` server settings.
+- :mod:`.server_swap` installs our patched llama-server in place of Ollama's and restores it.
+- :mod:`.versions` knows which release supports what.
+"""

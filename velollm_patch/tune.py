@@ -1,0 +1,964 @@
+"""The tuner: from the machine, the model and the installed build, choose every llama-server knob
+that upstream leaves to the user, with a one-line reason for each.
+
+Upstream's ``--fit`` only fits context and GPU layers to free device memory; it never picks KV
+types, flash attention, batch sizes, slots or speculation, and it ignores system RAM
+(/work/shared/reference/llama-cpp.md §4). The planner decides those from facts it can check:
+
+* the hardware (:mod:`velollm_patch.hardware`, or a recorded machine in tests);
+* the GGUF header (:mod:`velollm_patch.model`: KV bytes per token, head sizes, SWA, vocabulary);
+* the installed build: its backend, its patches, the CUDA flash-attention K/V pairs compiled into
+  it (manifest ``fa_kv_pairs``), the flags its llama-server accepts (:mod:`server_flags`) and its
+  ``llama-fit-params``, which is the memory oracle whenever it is there.
+
+A :class:`Plan` renders to llama-server arguments, to the equivalent ``LLAMA_ARG_*`` environment and
+to JSON, and carries the memory it expects the server to use so ``serve`` can compare with RSS.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from velollm_patch import proc
+from velollm_patch.builds import InstalledBuild
+from velollm_patch.errors import VelollmError
+from velollm_patch.hardware import GiB, GPUInfo, HardwareInfo, MiB
+from velollm_patch.model import (
+    KV_CACHE_TYPES,
+    DraftCandidate,
+    ModelInfo,
+    draft_compatibility,
+    find_draft_candidates,
+    inspect_model,
+    resolve_model,
+)
+from velollm_patch.paths import Paths
+from velollm_patch.server_flags import ServerFlags, read_server_flags
+
+log = logging.getLogger("velollm_patch.tune")
+
+PROFILES = ("speed", "balanced", "quality", "memory")
+WORKLOADS = ("chat", "code", "edit")
+GPU_BACKENDS = ("cuda", "rocm", "metal", "vulkan")
+
+# Patches of our series the planner knows how to use (patches/llama.cpp/<pin>/series.toml names).
+KV_ON_DEMAND_PATCH = "kv-on-demand"
+SPEC_ADAPTIVE_PATCH = "spec-adaptive"
+
+# GGML_CUDA_FA_QUANTS' default (ggml/CMakeLists.txt); builds that did not record their own list
+# (ROCm builds share the CUDA flash-attention code) have exactly these vec kernels.
+UPSTREAM_FA_KV_PAIRS = ("q4_0-q4_0", "q8_0-q8_0", "f16-f16", "bf16-bf16")
+# llama-fit-params' default free-memory margin per device (common/fit.cpp, --fit-target).
+DEVICE_MARGIN_BYTES = 1024 * MiB
+# System RAM the server must leave to the OS and to other programs.
+HOST_MARGIN_BYTES = 1 * GiB
+HOST_MARGIN_FRACTION = 0.10
+# Per-slot context the workload needs by default: chat turns are short; code generation and edits
+# carry whole files and their rewrites.
+WORKLOAD_CONTEXT = {"chat": 4096, "code": 8192, "edit": 8192}
+# Below this a context is too small to be useful; the planner fails rather than going lower.
+MIN_CONTEXT = 1024
+DEFAULT_SLOTS = 4
+# Expected draft acceptance per workload, for choosing the draft length (code repeats itself more).
+DRAFT_ACCEPTANCE = {"chat": 0.65, "code": 0.75, "edit": 0.8}
+MAX_DRAFT_TOKENS = 16
+# A draft model costs memory and CPU/GPU time of its own; below this expected gain it is left out.
+MIN_DRAFT_SPEEDUP = 1.1
+# Stop a draft when the draft model's top token is less likely than this: the draft length is then
+# adaptive per step, and wasted verification of improbable tokens is avoided. 0.75 is the value
+# upstream used before it changed the default to 0 (ggml-org/llama.cpp#26100).
+DRAFT_P_MIN = 0.75
+# n-gram types in the order we prefer them (reference §3.1: ngram-mod is the one --spec-default picks).
+NGRAM_TYPES = ("ngram-mod", "ngram-map-k", "ngram-simple")
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildFacts:
+    """What the planner needs to know about the installed llama.cpp build."""
+
+    build_id: str
+    backend: str
+    patches: tuple[str, ...]
+    fa_kv_pairs: tuple[str, ...] | None
+    """CUDA flash-attention K/V pairs compiled in (``k-v``), from the manifest; None if not recorded."""
+    flags: ServerFlags
+    fit_params: Path | None
+    """``llama-fit-params`` of this build, when it has one."""
+    fit_params_flags: ServerFlags | None = None
+
+    @classmethod
+    def from_build(cls, build: InstalledBuild, paths: Paths) -> BuildFacts:
+        fit: Path | None = None
+        fit_flags: ServerFlags | None = None
+        try:
+            fit = build.bin("llama-fit-params")
+            fit_flags = read_server_flags(fit, paths)
+        except VelollmError as exc:
+            log.debug("no memory oracle: %s", exc)
+            fit = None
+        pairs = build.manifest.get("fa_kv_pairs")
+        return cls(
+            build_id=build.build_id,
+            backend=str(build.manifest.get("backend", "cpu")),
+            patches=tuple(build.patch_names),
+            fa_kv_pairs=tuple(pairs) if pairs else None,
+            flags=read_server_flags(build.bin("llama-server"), paths),
+            fit_params=fit,
+            fit_params_flags=fit_flags,
+        )
+
+    def has_patch(self, name: str) -> bool:
+        return name in self.patches
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    profile: str = "balanced"
+    workload: str = "chat"
+    ctx: int | None = None
+    """Context per slot in tokens; None: chosen from the workload and the model."""
+    slots: int | None = None
+    draft: str = "auto"
+    """``auto`` (search local models), ``none``, or a GGUF path."""
+    draft_dirs: tuple[Path, ...] = ()
+
+    def validate(self) -> None:
+        if self.profile not in PROFILES:
+            raise VelollmError(f"unknown profile '{self.profile}': choose one of {', '.join(PROFILES)}")
+        if self.workload not in WORKLOADS:
+            raise VelollmError(f"unknown workload '{self.workload}': choose one of {', '.join(WORKLOADS)}")
+        if self.ctx is not None and self.ctx < MIN_CONTEXT:
+            raise VelollmError(f"--ctx {self.ctx} is too small; use at least {MIN_CONTEXT}")
+        if self.slots is not None and not 1 <= self.slots <= 256:
+            raise VelollmError(f"--slots {self.slots} must be between 1 and 256")
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    key: str
+    value: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Speculation:
+    types: tuple[str, ...]
+    draft: DraftCandidate | None = None
+    draft_n_max: int | None = None
+    draft_p_min: float | None = None
+    adaptive_flag: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The chosen values, independent of how a given llama-server spells them."""
+
+    threads: int
+    threads_batch: int
+    gpu_layers: int | None
+    """None on a CPU build (nothing to offload)."""
+    tensor_split: str | None
+    tensor_overrides: str | None
+    ctx_per_slot: int
+    slots: int
+    ctx_total: int
+    kv_unified: bool
+    cache_type_k: str
+    cache_type_v: str
+    flash_attn: bool
+    batch: int
+    ubatch: int
+    kv_on_demand: bool
+    cache_ram_mib: int | None
+    """None: upstream's prompt-cache default."""
+    speculation: Speculation | None
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    draft_bytes: int
+    device_bytes: int
+    """Planned on GPU devices (0 on a CPU build)."""
+    host_bytes: int
+    method: str
+    """``llama-fit-params`` (the build's own dry run) or ``arithmetic`` (from GGUF metadata)."""
+    kv_on_demand: bool
+    """KV pages are committed as tokens arrive, so an idle server holds far less than ``kv_bytes``."""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.device_bytes + self.host_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelInfo
+    build_id: str
+    backend: str
+    profile: str
+    workload: str
+    settings: Settings
+    args: tuple[str, ...]
+    """llama-server arguments, without ``-m MODEL`` (and without host/port, which ``serve`` adds)."""
+    env: dict[str, str]
+    """The same plan as ``LLAMA_ARG_*`` variables, ``-m`` included."""
+    choices: tuple[Choice, ...]
+    memory: MemoryEstimate
+    not_applied: tuple[str, ...] = field(default=())
+    """Choices this llama-server has no flag for (upstream renamed or removed it)."""
+
+    def command(self, binary: Path | str = "llama-server") -> str:
+        return proc.format_command([str(binary), "-m", str(self.model.path), *self.args])
+
+    def to_dict(self) -> dict[str, Any]:
+        spec = self.settings.speculation
+        settings = asdict(replace(self.settings, speculation=None))
+        settings["speculation"] = None if spec is None else {
+            "types": list(spec.types),
+            "draft": spec.draft.to_dict() if spec.draft else None,
+            "draft_n_max": spec.draft_n_max,
+            "draft_p_min": spec.draft_p_min,
+            "adaptive_flag": spec.adaptive_flag,
+        }
+        return {
+            "model": str(self.model.path),
+            "model_name": self.model.name,
+            "build_id": self.build_id,
+            "backend": self.backend,
+            "profile": self.profile,
+            "workload": self.workload,
+            "args": list(self.args),
+            "env": self.env,
+            "command": self.command(),
+            "settings": settings,
+            "choices": [asdict(c) for c in self.choices],
+            "memory": self.memory.to_dict(),
+            "not_applied": list(self.not_applied),
+        }
+
+    def describe(self) -> list[str]:
+        """Human-readable plan: one line per choice with its reason, then memory and the command."""
+        width = max(len(c.key) for c in self.choices)
+        lines = [f"plan for {self.model.name} on {self.backend} ({self.profile} profile, {self.workload} workload)"]
+        lines += [f"  {c.key:<{width}}  {c.value:<18} {c.reason}" for c in self.choices]
+        lines += [f"  not applied: {n}" for n in self.not_applied]
+        m = self.memory
+        parts = f"weights {_mib(m.weights_bytes)} + KV {_mib(m.kv_bytes)} + compute {_mib(m.compute_bytes)}"
+        if m.draft_bytes:
+            parts += f" + draft {_mib(m.draft_bytes)}"
+        where = f"device {_mib(m.device_bytes)}, host {_mib(m.host_bytes)}" if m.device_bytes else "host"
+        lines.append(f"  memory: {parts} = {_mib(m.total_bytes)} ({where}; by {m.method})")
+        if m.kv_on_demand:
+            lines.append("          KV is committed on demand: an idle server holds far less than the KV figure")
+        lines.append(f"  command: {self.command()}")
+        return lines
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.0f} MiB"
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache types
+# --------------------------------------------------------------------------------------------
+
+
+def _is_quantized(kv_type: str) -> bool:
+    return kv_type not in ("f32", "f16", "bf16")
+
+
+def kv_pair_problem(
+    model: ModelInfo, backend: str, type_k: str, type_v: str, *, flash_attn: bool,
+    fa_kv_pairs: Sequence[str] | None,
+) -> str | None:
+    """Why llama.cpp would refuse (or run slowly with) this K/V pair here; None when it is fine.
+
+    The rules are those of the pinned tree (reference §2): a quantized V needs flash attention;
+    quantized types need head sizes divisible by their block; CUDA runs flash attention at full
+    speed only for the compiled vec pairs and has no iq4_nl kernel at all (it falls back to the
+    CPU); Metal needs K and V of the same type.
+    """
+    for t in (type_k, type_v):
+        if t not in KV_CACHE_TYPES:
+            return f"{t} is not a KV cache type llama.cpp knows"
+    if _is_quantized(type_v) and not flash_attn:
+        return f"a {type_v} V cache needs flash attention, which is off"
+    if (_is_quantized(type_k) or _is_quantized(type_v)) and not model.head_dims_allow_quantized_kv():
+        return "the model's head sizes are not multiples of the 32-value quantization block"
+    if backend in ("cuda", "rocm"):
+        if "iq4_nl" in (type_k, type_v):
+            return "CUDA has no iq4_nl flash-attention kernel (it would run attention on the CPU)"
+        pairs = tuple(fa_kv_pairs) if fa_kv_pairs else UPSTREAM_FA_KV_PAIRS
+        if flash_attn and f"{type_k}-{type_v}" not in pairs:
+            return f"the build compiled flash-attention kernels only for {', '.join(pairs)}"
+    if backend == "metal" and type_k != type_v:
+        return "Metal flash attention needs K and V of the same type"
+    return None
+
+
+# K/V pairs each profile tries, best first; later ones save memory when the first does not fit.
+_KV_PREFERENCES = {
+    "quality": (("f16", "f16"),),
+    "speed": (("f16", "f16"), ("q8_0", "q8_0")),
+    "balanced": (("q8_0", "q8_0"), ("f16", "f16"), ("q8_0", "q4_0"), ("q4_0", "q4_0")),
+    "memory": (("q8_0", "q4_0"), ("q4_0", "q4_0"), ("q8_0", "q8_0"), ("f16", "f16")),
+}
+
+
+def _kv_candidates(profile: str, backend: str) -> list[tuple[tuple[str, str], str]]:
+    """(pair, why) in the order to try them for ``profile`` on ``backend``."""
+    if profile == "balanced" and backend == "cpu":
+        # The CPU reads f16 K/V directly; quantized ones cost a conversion per step, which only pays
+        # off when memory (not compute) is the limit.
+        return [
+            (("f16", "f16"), "f16 K/V: on the CPU quantized KV costs a conversion every step"),
+            (("q8_0", "q8_0"), "q8_0 K/V: f16 did not fit; q8_0 halves the KV with ~no quality loss"),
+            (("q8_0", "q4_0"), "q8_0 K / q4_0 V: smaller KV types did not fit"),
+        ]
+    reasons = {
+        ("f16", "f16"): "f16 K/V: full precision",
+        ("q8_0", "q8_0"): "q8_0 K/V: half the KV memory and bandwidth of f16 with ~no quality loss",
+        ("q8_0", "q4_0"): "q8_0 K / q4_0 V: V tolerates 4 bits far better than K",
+        ("q4_0", "q4_0"): "q4_0 K/V: the smallest pair with fast kernels",
+    }
+    return [(pair, reasons[pair]) for pair in _KV_PREFERENCES[profile]]
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: llama-fit-params as the oracle, GGUF arithmetic as the fallback
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DeviceMemory:
+    name: str
+    model: int
+    context: int
+    compute: int
+
+
+_FIT_LINE = re.compile(r"^(\S+) (\d+) (\d+) (\d+)\s*$")
+_FIT_ARGS = re.compile(r"-c (\d+) -ngl (-?\d+)(?: -ts (\S+))?(?: -ot \"?([^\"\n]+)\"?)?")
+# Dry runs load only the model's metadata; a large model on a slow disk still opens in seconds.
+FIT_TIMEOUT_S = 300
+
+
+def _fit_argv(build: BuildFacts, model: Path, wanted: Sequence[tuple[str, str | None]]) -> list[str]:
+    assert build.fit_params is not None and build.fit_params_flags is not None
+    argv = [str(build.fit_params), "-m", str(model)]
+    for name, value in wanted:
+        # llama-fit-params parses a smaller option set than the server (no -kvu, no speculation).
+        if build.fit_params_flags.accepts(name):
+            argv += [name] if value is None else [name, value]
+    return argv
+
+
+def fit_print(build: BuildFacts, model: Path, wanted: Sequence[tuple[str, str | None]]) -> list[_DeviceMemory]:
+    """``llama-fit-params --fit-print``: the build's own no-alloc dry run, per device and host, in MiB."""
+    assert build.fit_params_flags is not None
+    spec = build.fit_params_flags.get("--fit-print")
+    if spec is None:
+        raise VelollmError(f"{build.fit_params} has no --fit-print")
+    switch = ["--fit-print", "on"] if spec.takes_value else ["--fit-print"]
+    result = proc.run([*_fit_argv(build, model, wanted), *switch], check=False, timeout=FIT_TIMEOUT_S)
+    rows = [_FIT_LINE.match(line) for line in result.output.splitlines()]
+    found = [_DeviceMemory(m[1], int(m[2]) * MiB, int(m[3]) * MiB, int(m[4]) * MiB) for m in rows if m]
+    if result.returncode != 0 or not found:
+        raise VelollmError(f"llama-fit-params --fit-print failed (exit {result.returncode}): {result.tail(2)}")
+    return found
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    gpu_layers: int
+    tensor_split: str | None
+    tensor_overrides: str | None
+
+
+def fit_layers(build: BuildFacts, model: Path, wanted: Sequence[tuple[str, str | None]]) -> _Fitted | None:
+    """``llama-fit-params``: GPU layers (and MoE expert overrides, tensor split) that leave the
+    default margin free on every device; None when nothing fits."""
+    result = proc.run(_fit_argv(build, model, wanted), check=False, timeout=FIT_TIMEOUT_S)
+    match = _FIT_ARGS.search(result.output)
+    if result.returncode != 0 or match is None:
+        log.debug("llama-fit-params: %s", result.tail(3))
+        return None
+    return _Fitted(int(match.group(2)), match.group(3), match.group(4))
+
+
+def compute_bytes_estimate(model: ModelInfo, ubatch: int, ctx_total: int, flash_attn: bool) -> int:
+    """A compute-buffer estimate from metadata: the f32 logits of a whole ubatch dominate it (the
+    dry runs of SmolLM2 and Gemma 3 put the rest at a few embedding rows per token), plus, without
+    flash attention, the score matrix over the whole context."""
+    n_vocab = model.vocab.n_tokens if model.vocab else 0
+    activations = 4 * ubatch * (n_vocab + 4 * model.n_embd)
+    scores = 0 if flash_attn else 4 * ubatch * ctx_total * max(1, model.n_head)
+    return activations + scores
+
+
+# --------------------------------------------------------------------------------------------
+# Speculation
+# --------------------------------------------------------------------------------------------
+
+
+def expected_speedup(acceptance: float, cost_ratio: float, n_draft: int) -> float:
+    """Expected decoding speed-up of drafting ``n_draft`` tokens per step with a per-token acceptance
+    rate and a draft/target cost ratio (Leviathan et al. 2023): (1 - a^(k+1)) / ((1 - a)(1 + k c))."""
+    return (1 - acceptance ** (n_draft + 1)) / ((1 - acceptance) * (1 + n_draft * cost_ratio))
+
+
+def best_draft_length(acceptance: float, cost_ratio: float) -> int:
+    """The draft length that maximizes :func:`expected_speedup`."""
+    return max(range(1, MAX_DRAFT_TOKENS + 1), key=lambda k: expected_speedup(acceptance, cost_ratio, k))
+
+
+def _spec_types(flags: ServerFlags) -> tuple[str, ...]:
+    spec = flags.get("--spec-type")
+    return spec.choices() if spec else ()
+
+
+# --------------------------------------------------------------------------------------------
+# The planner
+# --------------------------------------------------------------------------------------------
+
+
+class _Planner:
+    def __init__(self, model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneRequest) -> None:
+        self.model = model
+        self.hw = hw
+        self.build = build
+        self.req = request
+        self.choices: list[Choice] = []
+
+    def note(self, key: str, value: object, reason: str) -> None:
+        self.choices.append(Choice(key, str(value), reason))
+
+    # -- backend and budgets ------------------------------------------------------------------
+
+    def backend(self) -> str:
+        backend = self.build.backend
+        gpu_vendor = {"cuda": "nvidia", "rocm": "amd", "metal": "apple"}.get(backend)
+        if gpu_vendor and not any(g.vendor == gpu_vendor for g in self.hw.gpus):
+            raise VelollmError(
+                f"the installed build {self.build.build_id} is for {backend}, but no {gpu_vendor} GPU is visible; "
+                "rebuild with `velollm-patch build --gpu auto`"
+            )
+        if backend == "vulkan" and not self.hw.gpus and not self.hw.vulkan:
+            raise VelollmError(f"the installed build {self.build.build_id} needs Vulkan, which is not available")
+        if backend == "cpu" and self.hw.gpus:
+            self.note("backend", backend, f"the installed build is CPU-only although {self.hw.gpus[0].name} is present")
+        elif backend == "cpu":
+            self.note("backend", backend, "no GPU: everything runs on the CPU")
+        else:
+            gpu = self._gpus()[0]
+            self.note("backend", backend, f"the installed build offloads to {gpu.name}")
+        return backend
+
+    def _gpus(self) -> list[GPUInfo]:
+        vendor = {"cuda": "nvidia", "rocm": "amd", "metal": "apple"}.get(self.build.backend)
+        return [g for g in self.hw.gpus if vendor is None or g.vendor == vendor]
+
+    def device_budget(self) -> int:
+        """Free device memory less llama-fit-params' margin per device."""
+        return sum(
+            max(0, (g.vram_free_bytes if g.vram_free_bytes is not None else g.vram_total_bytes) - DEVICE_MARGIN_BYTES)
+            for g in self._gpus()
+        )
+
+    def host_budget(self) -> int:
+        available = self.hw.memory.available_bytes
+        return max(0, available - max(HOST_MARGIN_BYTES, int(available * HOST_MARGIN_FRACTION)))
+
+    # -- the decisions --------------------------------------------------------------------------
+
+    def threads(self, backend: str, all_on_gpu: bool) -> tuple[int, int]:
+        cpu = self.hw.cpu
+        physical = max(1, cpu.physical_cores)
+        logical = max(physical, cpu.logical_cores)
+        if all_on_gpu:
+            # The CPU only schedules GPU work; more threads just spin in the thread pool's barrier.
+            threads = min(physical, 4)
+            self.note("threads", f"-t {threads} -tb {threads}", "all layers on the GPU: the CPU only feeds it")
+            return threads, threads
+        threads, batch = physical, logical
+        self.note(
+            "threads", f"-t {threads} -tb {batch}",
+            f"generation is memory-bound: one thread per physical core ({physical}); prompt processing is "
+            f"compute-bound and uses every hardware thread ({logical})",
+        )
+        return threads, batch
+
+    def context(self) -> tuple[int, int]:
+        m, req = self.model, self.req
+        train = m.n_ctx_train or WORKLOAD_CONTEXT["edit"]
+        if req.ctx is not None:
+            ctx = req.ctx
+            why = "as requested"
+            if ctx > train:
+                why += f"; beyond the trained {train} tokens quality degrades"
+        elif req.profile == "quality":
+            ctx, why = train, "the model's full trained context"
+        else:
+            ctx = min(train, WORKLOAD_CONTEXT[req.workload])
+            why = f"enough for a {req.workload} session" + (" (the model's trained context)" if ctx == train else "")
+        if req.slots is not None:
+            slots, slot_why = req.slots, "as requested"
+        elif req.profile == "memory":
+            slots, slot_why = 1, "one request at a time keeps the KV cache smallest"
+        else:
+            slots = DEFAULT_SLOTS
+            slot_why = "concurrent requests decode in one batch: the weights are read once per step for all of them"
+        self.note("ctx_per_slot", ctx, why)
+        self.note("slots", slots, slot_why)
+        return ctx, slots
+
+    def pool(self, ctx: int, slots: int, on_demand: bool) -> tuple[int, bool]:
+        """Cells of the KV pool and whether it is one unified pool shared by all slots."""
+        if slots == 1:
+            return ctx, False
+        train = self.model.n_ctx_train or ctx
+        if on_demand:
+            total = ctx * slots
+            why = f"every slot can hold {ctx} tokens at once; pages are committed only as tokens arrive"
+        else:
+            # Preallocated: never reserve more than upstream's default (the trained context for all
+            # slots together), but give each slot at least its own context.
+            total = max(ctx, min(ctx * slots, train))
+            why = (
+                f"one pool shared by the {slots} slots (each may use up to {ctx}); preallocated, so sized like "
+                f"upstream's default" if total < ctx * slots else f"{ctx} tokens for each of the {slots} slots"
+            )
+        self.note("ctx_total", f"-c {total} -kvu", why)
+        return total, True
+
+    def flash_attention(self, backend: str) -> bool:
+        if backend == "cpu":
+            why = "quantized V and on-demand KV need it, and it avoids the n_ctx x n_ubatch score matrix"
+        else:
+            why = f"fused attention kernels on {backend}; needed for quantized V and on-demand KV"
+        self.note("flash_attn", "on", why)
+        return True
+
+    def batches(self, backend: str) -> tuple[int, int]:
+        if self.req.profile == "memory":
+            ub, why = 256, "a smaller ubatch halves the compute buffer; prompts process a little slower"
+        elif backend in ("cuda", "rocm") and self.device_budget() >= 16 * GiB:
+            ub, why = 1024, "a large GPU processes 1024-token ubatches faster, and has room for the buffer"
+        else:
+            ub, why = 512, "upstream's ubatch: the CPU/GPU matrix kernels saturate at this size"
+        batch = max(2048, ub)
+        self.note("batch", f"-b {batch} -ub {ub}", why)
+        return batch, ub
+
+    def kv_on_demand(self, flash_attn: bool) -> bool:
+        if not self.build.has_patch(KV_ON_DEMAND_PATCH):
+            return False
+        if not self.build.flags.accepts("--kv-on-demand"):
+            self.note("kv_on_demand", "off", "the build has the patch but its llama-server lists no --kv-on-demand")
+            return False
+        if not flash_attn:
+            self.note("kv_on_demand", "off", "needs flash attention (V must not be transposed)")
+            return False
+        self.note("kv_on_demand", "on", "KV memory is committed as tokens arrive instead of all at start-up")
+        return True
+
+    def kv_types(self, backend: str, flash_attn: bool, fits: Callable[[str, str], bool]) -> tuple[str, str, str]:
+        """The first allowed pair of the profile's preference that fits the memory budget; when none
+        does, the smallest allowed one (on a GPU it lets the most layers stay on the device)."""
+        rejected: list[str] = []
+        fallback: tuple[str, str, str] | None = None
+        for (k, v), why in _kv_candidates(self.req.profile, backend):
+            problem = kv_pair_problem(
+                self.model, backend, k, v, flash_attn=flash_attn, fa_kv_pairs=self.build.fa_kv_pairs,
+            )
+            if problem:
+                rejected.append(f"{k}/{v}: {problem}")
+                continue
+            fallback = (k, v, why + "; nothing larger fits in memory")
+            if fits(k, v):
+                if rejected:
+                    why += f" (not {rejected[0]})"
+                return k, v, why
+        if fallback is None:
+            raise VelollmError(f"no KV cache type pair is usable for {self.model.name} on {backend}: {rejected}")
+        return fallback
+
+    def speculation(self) -> Speculation | None:
+        req, flags = self.req, self.build.flags
+        offered = _spec_types(flags)
+        if not offered:
+            self.note("speculation", "off", "this llama-server has no --spec-type")
+            return None
+        types: list[str] = []
+        if req.workload in ("code", "edit"):
+            ngram = next((t for t in NGRAM_TYPES if t in offered), None)
+            if ngram:
+                types.append(ngram)
+                self.note("spec_ngram", ngram, f"{req.workload} output repeats its input: n-gram drafts cost no model")
+        draft = self._draft(offered)
+        n_max = p_min = None
+        if draft is not None:
+            acceptance = DRAFT_ACCEPTANCE[req.workload]
+            n_max = best_draft_length(acceptance, draft.bytes_ratio)
+            gain = expected_speedup(acceptance, draft.bytes_ratio, n_max)
+            model = (
+                f"{acceptance:.0%} acceptance and {draft.bytes_ratio:.2f}x the target's cost per token: "
+                f"{n_max} tokens per draft, expected {gain:.2f}x"
+            )
+            if gain < MIN_DRAFT_SPEEDUP and req.draft == "auto":
+                self.note("spec_draft", "none", f"{draft.label} is compatible, but at {model} it is not worth it")
+                draft = None
+            else:
+                types.append("draft-simple")
+                p_min = DRAFT_P_MIN
+                self.note("spec_draft", draft.label, f"{draft.reason}; at {model}")
+                self.note("spec_draft_p_min", p_min, "stop a draft where the draft model is unsure")
+        if not types:
+            if "spec_draft" not in {c.key for c in self.choices}:
+                self.note("speculation", "off", f"{req.workload} workload and no compatible smaller draft model found")
+            return None
+        adaptive: str | None = None
+        if draft is not None and self.build.has_patch(SPEC_ADAPTIVE_PATCH):
+            switches = [s for s in flags.find("adaptive") if not s.takes_value and s.names[0].startswith("--spec")]
+            if switches:
+                adaptive = switches[0].names[-1]
+                self.note("spec_adaptive", adaptive, "the build adapts the draft length to the acceptance it measures")
+        return Speculation(tuple(types), draft, n_max, p_min, adaptive)
+
+    def _draft(self, offered: tuple[str, ...]) -> DraftCandidate | None:
+        req = self.req
+        if req.draft == "none":
+            self.note("spec_draft", "none", "disabled with --draft none")
+            return None
+        if "draft-simple" not in offered:
+            return None
+        if req.draft != "auto":
+            path = Path(req.draft).expanduser()
+            info = inspect_model(path)
+            compat = draft_compatibility(self.model, info)
+            if not compat.ok:
+                raise VelollmError(f"{path} cannot draft for {self.model.name}: {compat.reason}")
+            return DraftCandidate(
+                path, str(path), info, info.n_params / max(1, self.model.n_params),
+                info.file_size / max(1, self.model.file_size), f"given with --draft; {compat.reason}",
+            )
+        found = find_draft_candidates(self.model, req.draft_dirs)
+        return found[0] if found else None
+
+
+def _arg_table(s: Settings) -> list[tuple[str, tuple[str, ...], str | None]]:
+    """(setting, accepted spellings newest first, value or None for a switch), in command order."""
+    rows: list[tuple[str, tuple[str, ...], str | None]] = [
+        ("threads", ("--threads", "-t"), str(s.threads)),
+        ("threads_batch", ("--threads-batch", "-tb"), str(s.threads_batch)),
+        ("ctx_total", ("--ctx-size", "-c"), str(s.ctx_total)),
+        ("slots", ("--parallel", "-np"), str(s.slots)),
+    ]
+    if s.slots > 1:
+        rows.append(("kv_unified", ("--kv-unified", "-kvu") if s.kv_unified else ("--no-kv-unified", "-no-kvu"), None))
+        if s.kv_unified and s.ctx_total > s.ctx_per_slot:
+            rows.append(("ctx_per_slot", ("--kv-unified-per-slot",), str(s.ctx_per_slot)))
+    if s.gpu_layers is not None:
+        rows.append(("gpu_layers", ("--gpu-layers", "--n-gpu-layers", "-ngl"), str(s.gpu_layers)))
+    if s.tensor_split:
+        rows.append(("tensor_split", ("--tensor-split", "-ts"), s.tensor_split))
+    if s.tensor_overrides:
+        rows.append(("tensor_overrides", ("--override-tensor", "-ot"), s.tensor_overrides))
+    rows += [
+        ("flash_attn", ("--flash-attn", "-fa"), "on" if s.flash_attn else "off"),
+        ("cache_type_k", ("--cache-type-k", "-ctk"), s.cache_type_k),
+        ("cache_type_v", ("--cache-type-v", "-ctv"), s.cache_type_v),
+        ("batch", ("--batch-size", "-b"), str(s.batch)),
+        ("ubatch", ("--ubatch-size", "-ub"), str(s.ubatch)),
+    ]
+    if s.kv_on_demand:
+        rows.append(("kv_on_demand", ("--kv-on-demand",), None))
+    if s.cache_ram_mib is not None:
+        rows.append(("cache_ram", ("--cache-ram", "-cram"), str(s.cache_ram_mib)))
+    spec = s.speculation
+    if spec is not None:
+        rows.append(("spec_type", ("--spec-type",), ",".join(spec.types)))
+        if spec.draft is not None:
+            rows += [
+                ("spec_draft", ("--spec-draft-model", "--model-draft", "-md"), str(spec.draft.path)),
+                ("spec_draft_n_max", ("--spec-draft-n-max",), str(spec.draft_n_max)),
+                ("spec_draft_p_min", ("--spec-draft-p-min", "--draft-p-min"), f"{spec.draft_p_min:.2f}"),
+                ("spec_draft_type_k", ("--spec-draft-type-k", "-ctkd", "--cache-type-k-draft"), s.cache_type_k),
+                ("spec_draft_type_v", ("--spec-draft-type-v", "-ctvd", "--cache-type-v-draft"), s.cache_type_v),
+            ]
+            if s.gpu_layers is not None:
+                rows.append(("spec_draft_ngl", ("--spec-draft-ngl", "-ngld", "--gpu-layers-draft"), "all"))
+            if spec.adaptive_flag:
+                rows.append(("spec_adaptive", (spec.adaptive_flag,), None))
+    # /metrics carries the speculation and (with the on-demand patch) KV gauges serve and bench read.
+    rows.append(("metrics", ("--metrics",), None))
+    return rows
+
+
+def render(
+    s: Settings, model: ModelInfo, flags: ServerFlags
+) -> tuple[tuple[str, ...], dict[str, str], tuple[str, ...]]:
+    """Arguments, ``LLAMA_ARG_*`` environment and the settings this server has no flag for."""
+    args: list[str] = []
+    env: dict[str, str] = {}
+    missing: list[str] = []
+    model_flag = flags.first("--model", "-m")
+    if model_flag:
+        assignment = flags.env_assignment(model_flag, str(model.path))
+        if assignment:
+            env[assignment[0]] = assignment[1]
+    for key, names, value in _arg_table(s):
+        name = flags.first(*names)
+        if name is None:
+            missing.append(f"{key}: this llama-server accepts none of {', '.join(names)}")
+            continue
+        args += [name] if value is None else [name, value]
+        assignment = flags.env_assignment(name, value)
+        if assignment:
+            env[assignment[0]] = assignment[1]
+    return tuple(args), env, tuple(missing)
+
+
+def _fit_wanted(s: Settings) -> list[tuple[str, str | None]]:
+    wanted: list[tuple[str, str | None]] = [
+        ("-c", str(s.ctx_total)), ("-np", str(s.slots)), ("-fa", "on" if s.flash_attn else "off"),
+        ("-ctk", s.cache_type_k), ("-ctv", s.cache_type_v), ("-b", str(s.batch)), ("-ub", str(s.ubatch)),
+        ("-t", str(s.threads)),
+    ]
+    if s.kv_unified and s.slots > 1:
+        wanted.append(("-kvu", None))
+    if s.gpu_layers is not None:
+        wanted.append(("-ngl", str(s.gpu_layers)))
+    if s.tensor_split:
+        wanted.append(("-ts", s.tensor_split))
+    if s.tensor_overrides:
+        wanted.append(("-ot", s.tensor_overrides))
+    return wanted
+
+
+def _draft_bytes(s: Settings) -> int:
+    """The draft model's weights and its KV cache, which mirrors the target's context (reference §1.2).
+    llama-fit-params of the pinned tree does not load a draft, so this is always arithmetic."""
+    spec = s.speculation
+    if spec is None or spec.draft is None:
+        return 0
+    d = spec.draft.info
+    return d.file_size + d.kv_bytes(
+        s.ctx_total, s.slots, s.cache_type_k, s.cache_type_v, n_ubatch=s.ubatch, unified=s.kv_unified or s.slots == 1,
+    )
+
+
+def _arithmetic_memory(model: ModelInfo, s: Settings, backend: str, on_demand: bool) -> MemoryEstimate:
+    kv = model.kv_bytes(
+        s.ctx_total, s.slots, s.cache_type_k, s.cache_type_v, n_ubatch=s.ubatch, unified=s.kv_unified or s.slots == 1,
+    )
+    compute = compute_bytes_estimate(model, s.ubatch, s.ctx_total, s.flash_attn)
+    weights = model.file_size
+    draft = _draft_bytes(s)
+    device = 0
+    if backend != "cpu" and s.gpu_layers:
+        share = min(1.0, s.gpu_layers / (model.n_layers + 1))
+        device = int((weights + kv + draft) * share) + compute
+    total = weights + kv + compute + draft
+    return MemoryEstimate(weights, kv, compute, draft, device, total - device, "arithmetic", on_demand)
+
+
+def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: bool) -> MemoryEstimate | None:
+    try:
+        rows = fit_print(build, model.path, _fit_wanted(s))
+    except VelollmError as exc:
+        log.warning("memory oracle unavailable, using arithmetic: %s", exc)
+        return None
+    weights = sum(r.model for r in rows)
+    kv = sum(r.context for r in rows)
+    compute = sum(r.compute for r in rows)
+    device = sum(r.model + r.context + r.compute for r in rows if r.name != "Host")
+    host = sum(r.model + r.context + r.compute for r in rows if r.name == "Host")
+    draft = _draft_bytes(s)
+    # The draft goes where the target's layers go (-ngld all on a GPU build).
+    if s.gpu_layers:
+        device += draft
+    else:
+        host += draft
+    return MemoryEstimate(weights, kv, compute, draft, device, host, "llama-fit-params", on_demand)
+
+
+def plan(model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneRequest | None = None) -> Plan:
+    """Choose every knob for serving ``model`` on ``hw`` with ``build``; every choice carries its reason."""
+    req = request or TuneRequest()
+    req.validate()
+    p = _Planner(model, hw, build, req)
+    backend = p.backend()
+    ctx, slots = p.context()
+    flash_attn = p.flash_attention(backend)
+    on_demand = p.kv_on_demand(flash_attn)
+    ctx_total, unified = p.pool(ctx, slots, on_demand)
+    batch, ubatch = p.batches(backend)
+    spec = p.speculation()
+    weights = model.file_size + (spec.draft.info.file_size if spec and spec.draft else 0)
+    compute = compute_bytes_estimate(model, ubatch, ctx_total, flash_attn)
+    budget = p.device_budget() if backend != "cpu" else p.host_budget()
+
+    def fits(k: str, v: str) -> bool:
+        kv = model.kv_bytes(ctx_total, slots, k, v, n_ubatch=ubatch, unified=unified or slots == 1)
+        # With on-demand KV a full reservation is the worst case, not the start-up cost, but the
+        # budget must still hold it when every slot fills up.
+        return weights + kv + compute <= budget
+
+    type_k, type_v, kv_why = p.kv_types(backend, flash_attn, fits)
+    p.note("kv_types", f"{type_k}/{type_v}", kv_why)
+    if backend == "cpu" and not fits(type_k, type_v):
+        need = weights + model.kv_bytes(ctx_total, slots, type_k, type_v, n_ubatch=ubatch, unified=unified)
+        raise VelollmError(
+            f"{model.name} needs about {_mib(need + compute)} with a {ctx_total}-token KV cache, but only "
+            f"{_mib(budget)} of RAM is available; pass a smaller --ctx or --slots, or use --profile memory"
+        )
+    settings = Settings(
+        threads=1, threads_batch=1, gpu_layers=None, tensor_split=None, tensor_overrides=None,
+        ctx_per_slot=ctx, slots=slots, ctx_total=ctx_total, kv_unified=unified, cache_type_k=type_k,
+        cache_type_v=type_v, flash_attn=flash_attn, batch=batch, ubatch=ubatch, kv_on_demand=on_demand,
+        cache_ram_mib=0 if req.profile == "memory" else None, speculation=spec,
+    )
+    if settings.cache_ram_mib == 0:
+        p.note("cache_ram", "0", "no host-RAM prompt cache: idle slots do not keep copies of their KV")
+    all_on_gpu = False
+    if backend != "cpu":
+        settings, all_on_gpu = _offload(p, model, settings, fits(type_k, type_v))
+    threads, threads_batch = p.threads(backend, all_on_gpu)
+    settings = replace(settings, threads=threads, threads_batch=threads_batch)
+    memory = None
+    if build.fit_params is not None:
+        memory = _oracle_memory(build, model, settings, on_demand)
+    if memory is None:
+        memory = _arithmetic_memory(model, settings, backend, on_demand)
+    args, env, missing = render(settings, model, build.flags)
+    return Plan(
+        model=model, build_id=build.build_id, backend=backend, profile=req.profile, workload=req.workload,
+        settings=settings, args=args, env=env, choices=tuple(p.choices), memory=memory, not_applied=missing,
+    )
+
+
+def _offload(p: _Planner, model: ModelInfo, s: Settings, fits_fully: bool) -> tuple[Settings, bool]:
+    """GPU layers: the build's llama-fit-params decides when present; otherwise the arithmetic."""
+    n_offloadable = model.n_layers + 1  # the output layer is offloaded as one more "layer"
+    build = p.build
+    if build.fit_params is not None:
+        wanted = [w for w in _fit_wanted(s) if w[0] not in ("-ngl", "-ts", "-ot")]
+        # The dry run does not load the draft model, so keep its share free on the device too.
+        wanted.append(("-fitt", str((DEVICE_MARGIN_BYTES + _draft_bytes(s)) // MiB)))
+        fitted = fit_layers(build, model.path, wanted)
+        if fitted is not None:
+            ngl = min(fitted.gpu_layers, n_offloadable) if fitted.gpu_layers >= 0 else n_offloadable
+            all_on = ngl >= n_offloadable and not fitted.tensor_overrides
+            p.note(
+                "gpu_layers", ngl if not all_on else "all",
+                "llama-fit-params' dry run with these KV types, ubatch and slots"
+                + ("" if all_on else f": {ngl} of {n_offloadable} layers fit, the rest run on the CPU"),
+            )
+            return replace(
+                s, gpu_layers=ngl, tensor_split=fitted.tensor_split, tensor_overrides=fitted.tensor_overrides,
+            ), all_on
+    if fits_fully:
+        p.note("gpu_layers", "all", f"weights, KV and compute fit in {_mib(p.device_budget())} of free device memory")
+        return replace(s, gpu_layers=n_offloadable), True
+    kv = model.kv_bytes(s.ctx_total, s.slots, s.cache_type_k, s.cache_type_v, n_ubatch=s.ubatch, unified=s.kv_unified)
+    per_layer = (model.file_size + kv) / n_offloadable
+    room = p.device_budget() - compute_bytes_estimate(model, s.ubatch, s.ctx_total, s.flash_attn)
+    ngl = max(0, min(n_offloadable, math.floor(room / per_layer))) if per_layer > 0 else 0
+    p.note(
+        "gpu_layers", ngl,
+        f"{ngl} of {n_offloadable} layers ({_mib(int(per_layer))} each with their KV) fit in "
+        f"{_mib(p.device_budget())}; the rest run on the CPU",
+    )
+    return replace(s, gpu_layers=ngl), False
+
+
+# --------------------------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------------------------
+
+
+def model_report(info: ModelInfo, ctx: int | None, slots: int) -> dict[str, Any]:
+    """``inspect``'s JSON: the header summary plus KV bytes per token and for ``ctx`` x ``slots``."""
+    n_ctx = ctx or info.n_ctx_train
+    per_type: dict[str, Any] = {}
+    for t in KV_CACHE_TYPES:
+        try:
+            per_token = info.kv_bytes_per_token(t, t)
+            total = info.kv_bytes(n_ctx, slots, t, t) if n_ctx else None
+        except VelollmError as exc:
+            per_type[t] = {"error": str(exc)}
+            continue
+        per_type[t] = {"bytes_per_token": per_token, "bytes": total}
+    return {
+        **info.to_dict(),
+        "kv": {"ctx": n_ctx, "slots": slots, "unified": True, "types": per_type},
+    }
+
+
+def describe_model(info: ModelInfo, ctx: int | None, slots: int) -> list[str]:
+    report = model_report(info, ctx, slots)
+    v = info.vocab
+    heads = sorted(set(info.n_head_kv))
+    swa = f", sliding window {info.n_swa} on {sum(info.swa_layers)} of {info.n_layers} layers" if info.has_swa else ""
+    lines = [
+        f"{info.name}  ({info.path})",
+        f"  architecture  {info.architecture}, {info.n_params / 1e6:.1f}M parameters, "
+        f"{info.file_type or info.tensor_type or '?'}, {info.file_size / MiB:.1f} MiB, GGUF v{info.gguf_version}",
+        f"  layers        {info.n_layers}, embedding {info.n_embd}, heads {info.n_head}, "
+        f"KV heads {'/'.join(map(str, heads))}, head dims K {info.head_dim_k} V {info.head_dim_v}",
+        f"  context       trained {info.n_ctx_train}{swa}",
+    ]
+    if info.n_expert:
+        lines.append(f"  experts       {info.n_expert} ({info.n_expert_used} used per token)")
+    if v is not None:
+        lines.append(
+            f"  vocabulary    {v.type} ({v.model}{', ' + v.pre if v.pre else ''}), {v.n_tokens} tokens, "
+            f"BOS {v.bos_id}{' (added)' if v.add_bos else ''}, EOS {v.eos_id}{' (added)' if v.add_eos else ''}"
+        )
+    lines.append(f"  chat template {'yes' if info.chat_template else 'none'}")
+    kv = report["kv"]
+    lines.append(f"  KV cache      per token, and for {kv['ctx']} tokens x {kv['slots']} slot(s) (unified):")
+    for t, row in kv["types"].items():
+        if "error" in row:
+            lines.append(f"    {t:<7} not usable: {row['error']}")
+        else:
+            total = f"{row['bytes'] / MiB:9.1f} MiB" if row["bytes"] is not None else "?"
+            lines.append(f"    {t:<7} {row['bytes_per_token'] / 1024:8.2f} KiB/token  {total}")
+    return lines
+
+
+def plan_for(
+    model_ref: str, hw: HardwareInfo, build: InstalledBuild, paths: Paths, request: TuneRequest
+) -> Plan:
+    """The CLI's entry: resolve the model, read the build's facts, plan."""
+    info = inspect_model(resolve_model(model_ref))
+    return plan(info, hw, BuildFacts.from_build(build, paths), request)
+
+
+def shell_env(env: dict[str, str]) -> list[str]:
+    """``export NAME=value`` lines for a shell."""
+    return [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
