@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -18,9 +17,10 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from velollm_patch import __version__, builds, hardware, models, patches, serve, source
+from velollm_patch import __version__, builds, hardware, models, patches, serve, source, tune
 from velollm_patch.build import GPU_CHOICES, BuildOptions, ProgressCallback, plan_build, run_build
 from velollm_patch.errors import VelollmError
+from velollm_patch.model import inspect_model, resolve_model
 from velollm_patch.paths import get_paths
 
 console = Console(stderr=True)
@@ -355,26 +355,127 @@ def up(model: str | None, port: int, gpu: str) -> None:
             console.print(line, highlight=False)
         current = _run_with_progress(lambda progress: run_build(plan, hw, paths, on_progress=progress))
     model_path = resolve_model_arg(model)
-    threads = max(1, hw.cpu.physical_cores)
-    args = ["-c", "8192", "-fa", "on", "-t", str(threads), "--metrics", "--slots"]
+    tuned = tune.plan(inspect_model(model_path), hw, tune.BuildFacts.from_build(current, paths), tune.TuneRequest())
+    _serve_plan(tuned, current, port, paths.logs / "up-server.log")
+
+
+def _serve_plan(plan: tune.Plan, build: builds.InstalledBuild, port: int, log_file: Path) -> None:
+    """Run ``plan`` under the supervisor until Ctrl-C or SIGTERM (exit 0), or until it cannot stay up."""
+    for line in plan.describe():
+        console.print(line, highlight=False)
     config = serve.ServerConfig(
-        binary=current.bin("llama-server"), model=model_path, args=args, port=port,
-        log_file=paths.logs / "up-server.log",
+        binary=build.bin("llama-server"), model=plan.model.path, args=plan.args, port=port, log_file=log_file,
     )
-    console.print(f"starting llama-server ({current.build_id}) on {model_path.name} …", highlight=False)
-    with serve.start_server(config, timeout=600) as server:
-        click.echo(f"serving {model_path.name} at {server.url}  (log: {server.log_file})")
+    console.print(f"starting llama-server ({build.build_id}) on {plan.model.path.name} …", highlight=False)
+    supervisor = serve.Supervisor(config, on_event=lambda message: console.print(message, highlight=False))
+    try:
+        server = supervisor.start()
+        click.echo(f"serving {plan.model.path.name} at {supervisor.url}  (log: {server.log_file})")
         click.echo(
-            f"try: curl {server.url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"try: curl {supervisor.url}/v1/chat/completions -H 'Content-Type: application/json' "
             """-d '{"messages":[{"role":"user","content":"Hello!"}]}'"""
         )
-        click.echo("press Ctrl-C to stop", err=True)
         sys.stdout.flush()
-        try:
-            while server.process.poll() is None:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            server.stop()
-            click.echo("stopped", err=True)
-            return
-        raise VelollmError(f"llama-server exited with code {server.process.returncode}; log: {server.log_file}")
+        rss = server.rss_bytes()
+        console.print(
+            f"memory: planned {plan.memory.total_bytes / 2**20:.0f} MiB, measured RSS after warm-up "
+            f"{rss / 2**20:.0f} MiB; press Ctrl-C to stop",
+            highlight=False,
+        )
+        supervisor.run()
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+    finally:
+        supervisor.stop()
+
+
+_PLAN_OPTIONS = [
+    click.option("--profile", type=click.Choice(tune.PROFILES), default="balanced", show_default=True),
+    click.option("--workload", type=click.Choice(tune.WORKLOADS), default="chat", show_default=True),
+    click.option("--ctx", type=int, help="Context per slot in tokens (default: from workload and model)."),
+    click.option("--slots", type=int, help="Parallel request slots (default: 4; 1 with --profile memory)."),
+    click.option("--draft", default="auto", show_default=True, help="auto (search local models), none, or a GGUF."),
+    click.option(
+        "--draft-dir", "draft_dirs", multiple=True, type=click.Path(path_type=Path),
+        help="Also search this directory for draft models (repeatable).",
+    ),
+    click.option("--build", "build_id", default="current", show_default=True, help="Installed build to plan for."),
+]
+
+
+def _plan_options(func: Callable[P, R]) -> Callable[P, R]:
+    for option in reversed(_PLAN_OPTIONS):
+        func = option(func)
+    return func
+
+
+@main.command("inspect")
+@click.argument("model")
+@click.option("--ctx", type=int, help="Context for the KV memory table (default: the trained context).")
+@click.option("--slots", type=int, default=1, show_default=True, help="Slots sharing that context.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def inspect_cmd(model: str, ctx: int | None, slots: int, as_json: bool) -> None:
+    """Read MODEL's GGUF header (a path or an Ollama model name): shape, vocabulary, KV sizes."""
+    info = inspect_model(resolve_model(model))
+    if as_json:
+        _emit_json(tune.model_report(info, ctx, slots))
+        return
+    for line in tune.describe_model(info, ctx, slots):
+        click.echo(line)
+
+
+@main.command("tune")
+@click.argument("model")
+@_plan_options
+@click.option("--env", "as_env", is_flag=True, help="Print the plan as LLAMA_ARG_* exports.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def tune_cmd(
+    model: str, profile: str, workload: str, ctx: int | None, slots: int | None, draft: str,
+    draft_dirs: tuple[Path, ...], build_id: str, as_env: bool, as_json: bool,
+) -> None:
+    """Plan llama-server settings for MODEL on this machine and the installed build, with reasons."""
+    paths = get_paths()
+    hw = hardware.detect(build_dir=paths.cache)
+    request = tune.TuneRequest(profile, workload, ctx, slots, draft, draft_dirs)
+    plan = tune.plan_for(model, hw, builds.find_build(paths, build_id), paths, request)
+    if as_json:
+        _emit_json(plan.to_dict())
+    elif as_env:
+        for line in tune.shell_env(plan.env):
+            click.echo(line)
+    else:
+        for line in plan.describe():
+            click.echo(line)
+
+
+@main.command("serve")
+@click.argument("model")
+@_plan_options
+@click.option("--port", type=int, default=8080, show_default=True)
+@user_errors
+def serve_cmd(
+    model: str, profile: str, workload: str, ctx: int | None, slots: int | None, draft: str,
+    draft_dirs: tuple[Path, ...], build_id: str, port: int,
+) -> None:
+    """Tune for MODEL, then serve it on 127.0.0.1: warm-up, health checks, restart after a crash."""
+    paths = get_paths()
+    hw = hardware.detect(build_dir=paths.cache)
+    build = builds.find_build(paths, build_id)
+    request = tune.TuneRequest(profile, workload, ctx, slots, draft, draft_dirs)
+    plan = tune.plan_for(model, hw, build, paths, request)
+    _serve_plan(plan, build, port, paths.logs / "serve-server.log")
+
+
+def _register_command_groups() -> None:
+    # The Ollama and bench groups live in their own modules; they import from this one, so they are
+    # attached after `main` exists.
+    from velollm_patch.cli_bench import bench
+    from velollm_patch.cli_ollama import ollama
+
+    main.add_command(ollama)
+    main.add_command(bench)
+
+
+_register_command_groups()

@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""Benchmark: on-demand KV memory (--kv-on-demand, patch 0002, issue #3) vs. the preallocated KV cache.
+
+Runs real llama-server processes on 127.0.0.1 and measures, alternating the two variants ABAB:
+
+- idle RSS at -c 2048 and -c 32768;
+- RSS with 1K/4K/16K/32K tokens held (4 slots, see bench_fill), and after clearing them (/slots/N?action=erase);
+- 4 slots with -c 131072 (32768 per slot, --no-kv-unified) and 4 concurrent 2K-token conversations;
+- prompt and decode tokens/s with the switch off and on.
+
+Variants: "vanilla" is --vanilla-server (an unpatched build) when given, else the patched server without the
+switch; "on-demand" is the patched server with --kv-on-demand. The slot context is capped at the trained
+length by llama-server, so the model's <arch>.context_length is overridden to 131072 (--override-kv): rope
+scaling is irrelevant for memory, the generated text beyond the trained length is not.
+
+    python bench/kv_memory.py --server PATH --model PATH [--vanilla-server PATH] --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import re
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+MiB = 1024 * 1024
+
+FILL_TEXT = (
+    "In the quiet valley the river ran slowly past the old mill, and the miller counted the sacks of "
+    "grain one by one while the children played by the water. "
+)
+
+BASE_ARGS = ["-fa", "on", "--cache-ram", "0", "--no-warmup", "--metrics"]
+
+
+def model_arch(model: Path) -> str:
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(str(model))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except Exception:
+        return "llama"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, binary: Path, model: Path, args: list[str], workdir: Path, threads: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        slots = workdir / "slots"
+        slots.mkdir(exist_ok=True)
+        self.cmd = [
+            str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+            "-t", str(threads), "--slot-save-path", str(slots) + os.sep, *args,
+        ]  # fmt: skip
+        self.log_path = workdir / f"server-{self.port}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.client = httpx.Client(base_url=self.url, timeout=1800)
+        deadline = time.monotonic() + 600
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}): {self.log_path.read_text()[-3000:]}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def rss(self, settle: float = 1.0) -> int:
+        time.sleep(settle)
+        return int(psutil.Process(self.proc.pid).memory_info().rss)
+
+    def metrics(self) -> dict[str, float]:
+        text = self.client.get("/metrics").text
+        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^llamacpp:(kv\w+) (\S+)$", text, re.M)}
+
+    def n_tokens(self, text: str) -> int:
+        return len(self.client.post("/tokenize", json={"content": text}).json()["tokens"])
+
+    def complete(self, prompt: str, n_predict: int, **extra: Any) -> dict[str, Any]:
+        body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "top_k": 1, "seed": 42,
+                "cache_prompt": True, "ignore_eos": True, **extra}  # fmt: skip
+        r = self.client.post("/completion", json=body)
+        r.raise_for_status()
+        return dict(r.json())
+
+    def erase(self, slot: int) -> None:
+        self.client.post(f"/slots/{slot}", params={"action": "erase"}).raise_for_status()
+
+
+def fill_text(server: Server, n_tokens: int) -> str:
+    per = server.n_tokens(FILL_TEXT)
+    return FILL_TEXT * max(1, n_tokens // per)
+
+
+def kv(m: dict[str, float]) -> dict[str, float]:
+    return {k: m.get(k, float("nan")) for k in ("kv_reserved_bytes", "kv_committed_bytes", "kv_cells_used",
+                                                   "kv_high_water_cells", "kv_on_demand")}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def bench_idle(binary: Path, model: Path, extra: list[str], ctx: int, wd: Path, threads: int) -> dict[str, Any]:
+    with Server(binary, model, ["-c", str(ctx), "-np", "1", *BASE_ARGS, *extra], wd, threads) as s:
+        return {"rss": s.rss(2.0), **kv(s.metrics())}
+
+
+def bench_fill(binary: Path, model: Path, extra: list[str], sizes: list[int], wd: Path, threads: int) -> dict[str, Any]:
+    """Tokens held by a 4-slot server (-c 131072, one 32K stream per slot, --no-kv-unified).
+
+    Up to 4K tokens are held by slot 0; larger sizes are spread evenly over the 4 slots (16K = 4 x 4K,
+    32K = 4 x 8K). Prompt processing time grows with the square of the sequence length (one 32K prompt takes
+    more than 10 minutes on two CPU cores, and in a unified cache every sequence attends over the whole used
+    range), while the memory only depends on the number of cells written, so this keeps the run short.
+    """
+    args = ["-c", "131072", "-np", "4", "--no-kv-unified", *BASE_ARGS, *extra]
+    out: dict[str, Any] = {"fill": {}}
+    with Server(binary, model, args, wd, threads) as s:
+        out["idle_rss"] = s.rss(2.0)
+        held = [0, 0, 0, 0]
+        for n in sizes:
+            target = [n, 0, 0, 0] if n <= 4096 else [n // 4] * 4
+            for slot, want in enumerate(target):
+                if want > held[slot]:
+                    # the same prefix each time: only the new tokens are processed
+                    s.complete(f"Part {slot}. " + fill_text(s, want - 16), n_predict=4, id_slot=slot)
+                    held[slot] = want
+            out["fill"][str(n)] = {"rss": s.rss(), "held": list(held), **kv(s.metrics())}
+        for slot in range(4):
+            s.erase(slot)
+        out["cleared"] = {"rss": s.rss(2.0), **kv(s.metrics())}
+    return out
+
+
+def bench_slots(binary: Path, model: Path, extra: list[str], wd: Path, threads: int, n_tok: int) -> dict[str, Any]:
+    args = ["-c", "131072", "-np", "4", "--no-kv-unified", *BASE_ARGS, *extra]
+    out: dict[str, Any] = {}
+    with Server(binary, model, args, wd, threads) as s:
+        out["idle"] = {"rss": s.rss(2.0), **kv(s.metrics())}
+        prompts = [f"Conversation {i}. " + fill_text(s, n_tok) for i in range(4)]
+        peak = 0
+
+        def converse(i: int) -> None:
+            # two turns: the second turn extends the first (prompt cache reuse)
+            first = s.complete(prompts[i], n_predict=32, id_slot=i)
+            s.complete(prompts[i] + first["content"] + " And then?", n_predict=32, id_slot=i)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            futs = [ex.submit(converse, i) for i in range(4)]
+            while not all(f.done() for f in futs):
+                peak = max(peak, int(psutil.Process(s.proc.pid).memory_info().rss))
+                time.sleep(0.2)
+            for f in futs:
+                f.result()
+        out["after"] = {"rss": s.rss(), "rss_peak": peak, **kv(s.metrics())}
+        for i in range(4):
+            s.erase(i)
+        out["cleared"] = {"rss": s.rss(2.0), **kv(s.metrics())}
+    return out
+
+
+def bench_speed(binary: Path, model: Path, extra: list[str], wd: Path, threads: int, n_prompt: int) -> dict[str, Any]:
+    with Server(binary, model, ["-c", "32768", "-np", "1", *BASE_ARGS, *extra], wd, threads) as s:
+        prompt = fill_text(s, n_prompt)
+        s.complete("warm up", n_predict=8, cache_prompt=False)
+        res = s.complete(prompt, n_predict=128, cache_prompt=False)
+        t = res["timings"]
+        return {"prompt_n": t["prompt_n"], "prompt_tps": t["prompt_per_second"],
+                "decode_n": t["predicted_n"], "decode_tps": t["predicted_per_second"]}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--server", type=Path, required=True, help="patched llama-server (with --kv-on-demand)")
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--vanilla-server", type=Path, help="unpatched llama-server (default: --server without the switch)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--reps", type=int, default=2, help="ABAB repetitions of the idle and speed runs (default 2)")
+    ap.add_argument("--heavy-reps", type=int, default=1, help="repetitions of the fill and 4-slot runs (default 1)")
+    ap.add_argument("--fill", default="1024,4096,16384,32768", help="fill sizes in tokens")
+    ap.add_argument(
+        "--max-single", type=int, default=16384, help="longest single sequence of the fill (see bench_fill)"
+    )
+    ap.add_argument("--variants", default="vanilla,on-demand", help="variants to run (default: both)")
+    ap.add_argument("--conv-tokens", type=int, default=2048, help="prompt tokens per conversation (4 slots)")
+    ap.add_argument("--speed-prompt", type=int, default=2048, help="prompt tokens for the speed test")
+    ap.add_argument("--threads", type=int, default=max(1, psutil.cpu_count(logical=False) or 1))
+    ap.add_argument("--skip", default="", help="comma separated: idle,fill,slots,speed")
+    args = ap.parse_args()
+
+    vanilla_bin = args.vanilla_server or args.server
+    override = ["--override-kv", f"{model_arch(args.model)}.context_length=int:131072"]
+    variants = {
+        "vanilla": (vanilla_bin, override),
+        "on-demand": (args.server, [*override, "--kv-on-demand"]),
+    }
+    skip = set(filter(None, args.skip.split(",")))
+    sizes = [int(x) for x in args.fill.split(",") if x]
+    selected = [v for v in ("vanilla", "on-demand") if v in args.variants.split(",")]
+    variants = {v: variants[v] for v in selected}
+    order = selected * max(args.reps, args.heavy_reps)  # ABAB
+
+    results: dict[str, Any] = {
+        "model": str(args.model),
+        "server": str(args.server),
+        "vanilla_server": str(vanilla_bin),
+        "vanilla_is_patched_switch_off": args.vanilla_server is None,
+        "host": {"platform": platform.platform(), "cpus": psutil.cpu_count(), "ram": psutil.virtual_memory().total},
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "base_args": BASE_ARGS,
+        "override": override,
+        "runs": {v: {"idle": {}, "fill": [], "slots": [], "speed": []} for v in variants},
+    }
+
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="kvbench-") as tmp:
+        wd = Path(tmp)
+        for i, v in enumerate(order):
+            binary, extra = variants[v]
+            runs = results["runs"][v]
+            heavy = i < 2 * args.heavy_reps
+            light = i < 2 * args.reps
+            if "idle" not in skip and light:
+                for ctx in (2048, 32768):
+                    runs["idle"].setdefault(str(ctx), []).append(
+                        bench_idle(binary, args.model, extra, ctx, wd, args.threads)
+                    )
+            if "fill" not in skip and heavy:
+                runs["fill"].append(bench_fill(binary, args.model, extra, sizes, wd, args.threads))
+            if "slots" not in skip and heavy:
+                runs["slots"].append(bench_slots(binary, args.model, extra, wd, args.threads, args.conv_tokens))
+            if "speed" not in skip and light:
+                runs["speed"].append(bench_speed(binary, args.model, extra, wd, args.threads, args.speed_prompt))
+            print(f"[{time.monotonic() - t0:6.0f}s] {v} done", file=sys.stderr, flush=True)
+
+    # summary: medians over the repetitions
+    summary: dict[str, Any] = {}
+    for v, runs in results["runs"].items():
+        s: dict[str, Any] = {}
+        for ctx, xs in runs["idle"].items():
+            s[f"idle_rss_c{ctx}_mib"] = median([x["rss"] for x in xs]) / MiB
+            s[f"idle_committed_c{ctx}_mib"] = median([x["kv_committed_bytes"] for x in xs]) / MiB
+            s[f"reserved_c{ctx}_mib"] = median([x["kv_reserved_bytes"] for x in xs]) / MiB
+        if runs["fill"]:
+            s["fill_idle_rss_mib"] = median([r["idle_rss"] for r in runs["fill"]]) / MiB
+            for n in sizes:
+                s[f"fill_{n}_rss_mib"] = median([r["fill"][str(n)]["rss"] for r in runs["fill"]]) / MiB
+                s[f"fill_{n}_committed_mib"] = (
+                    median([r["fill"][str(n)]["kv_committed_bytes"] for r in runs["fill"]]) / MiB
+                )
+            s["fill_cleared_rss_mib"] = median([r["cleared"]["rss"] for r in runs["fill"]]) / MiB
+        if runs["slots"]:
+            for k in ("idle", "after", "cleared"):
+                s[f"slots4_{k}_rss_mib"] = median([r[k]["rss"] for r in runs["slots"]]) / MiB
+            s["slots4_peak_rss_mib"] = median([r["after"]["rss_peak"] for r in runs["slots"]]) / MiB
+            s["slots4_after_committed_mib"] = median([r["after"]["kv_committed_bytes"] for r in runs["slots"]]) / MiB
+        if runs["speed"]:
+            s["prompt_tps"] = median([r["prompt_tps"] for r in runs["speed"]])
+            s["decode_tps"] = median([r["decode_tps"] for r in runs["speed"]])
+        summary[v] = s
+    results["summary"] = summary
+
+    a, b = summary.get("vanilla", {}), summary.get("on-demand", {})
+    ratios: dict[str, float] = {}
+    for k in a:
+        if k in b and a[k] and a[k] == a[k]:
+            ratios[k] = b[k] / a[k]
+    for name, v in (("on-demand", b), ("vanilla", a)):
+        if "idle_rss_c2048_mib" in v and "idle_rss_c32768_mib" in v:
+            ratios[f"{name} idle rss c32768/c2048"] = v["idle_rss_c32768_mib"] / v["idle_rss_c2048_mib"]
+    if "idle_rss_c2048_mib" in a and "idle_rss_c32768_mib" in b:
+        ratios["on-demand c32768 / vanilla c2048 idle rss"] = b["idle_rss_c32768_mib"] / a["idle_rss_c2048_mib"]
+    results["ratios_on_demand_over_vanilla"] = ratios
+    results["wall_s"] = time.monotonic() - t0
+
+    args.out.write_text(json.dumps(results, indent=2))
+
+    print(f"{'metric':34} {'vanilla':>12} {'on-demand':>12} {'ratio':>8}")
+    nan = float("nan")
+    for k in dict.fromkeys([*a, *b]):
+        print(f"{k:34} {a.get(k, nan):12.1f} {b.get(k, nan):12.1f} {ratios.get(k, nan):8.3f}")
+    for k, r in ratios.items():
+        if k not in a:
+            print(f"{k:60} {r:8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
