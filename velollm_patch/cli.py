@@ -8,7 +8,6 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from types import FrameType
 from typing import Any, ParamSpec, TypeVar
@@ -32,21 +31,19 @@ def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def user_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn VelollmError into one line on stderr and its exit code; Ctrl-C/kill into 130/143."""
+class VelollmGroup(click.Group):
+    """Every command, in every subgroup, reports VelollmError as one line and its exit code, and
+    Ctrl-C or `kill` as 130/143, instead of a traceback."""
 
-    @wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    def invoke(self, ctx: click.Context) -> Any:
         try:
-            return func(*args, **kwargs)
+            return super().invoke(ctx)
         except VelollmError as exc:
             console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(exc.exit_code)
+            ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             console.print("interrupted; nothing was left half-done", highlight=False)
-            sys.exit(143 if _terminated else 130)
-
-    return wrapper
+            ctx.exit(143 if _terminated else 130)
 
 
 _terminated = False
@@ -59,7 +56,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-@click.group()
+@click.group(cls=VelollmGroup)
 @click.version_option(__version__, prog_name="velollm-patch")
 @click.option("-v", "--verbose", is_flag=True, help="Log every command run and the build output.")
 def main(verbose: bool) -> None:
@@ -72,7 +69,6 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the readings as JSON.")
-@user_errors
 def detect(as_json: bool) -> None:
     """Detect GPUs, CPU, memory, disk and toolchain."""
     hw = hardware.detect(build_dir=get_paths().cache)
@@ -95,7 +91,6 @@ def source_group() -> None:
 @source_group.command("fetch")
 @click.argument("spec", default=source.DEFAULT_SOURCE)
 @click.option("--json", "as_json", is_flag=True)
-@user_errors
 def source_fetch(spec: str, as_json: bool) -> None:
     """Fetch SPEC (pypi:llama-cpp-python==V, sdist:FILE, git:URL@REF, path:DIR) into the cache."""
     fetched = source.fetch(spec, get_paths())
@@ -107,7 +102,6 @@ def source_fetch(spec: str, as_json: bool) -> None:
 
 @source_group.command("list")
 @click.option("--json", "as_json", is_flag=True)
-@user_errors
 def source_list(as_json: bool) -> None:
     """List cached source trees."""
     found = source.list_sources(get_paths())
@@ -122,7 +116,6 @@ def source_list(as_json: bool) -> None:
 @click.argument("spec", default=source.DEFAULT_SOURCE)
 @click.option("--trimmed", is_flag=True, required=True, help="Only what a build needs (~8 MB compressed).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The .tar.gz to write.")
-@user_errors
 def source_export(spec: str, trimmed: bool, output: Path) -> None:
     """Write a small tarball of the tree, to build it on another machine or in a container."""
     fetched = source.fetch(spec, get_paths())
@@ -140,7 +133,6 @@ def patches_group() -> None:
 
 @patches_group.command("list")
 @click.option("--json", "as_json", is_flag=True)
-@user_errors
 def patches_list(as_json: bool) -> None:
     """Every series and its patches."""
     all_series = patches.all_series()
@@ -160,7 +152,6 @@ def patches_list(as_json: bool) -> None:
 @patches_group.command("check")
 @click.option("--source", "spec", default=source.DEFAULT_SOURCE, show_default=True)
 @click.option("--patches", "selection", default="all", show_default=True)
-@user_errors
 def patches_check(spec: str, selection: str) -> None:
     """Check that the series applies to SOURCE (on a scratch copy)."""
     paths = get_paths()
@@ -179,7 +170,6 @@ def patches_check(spec: str, selection: str) -> None:
 @click.option("--source", "spec", default=source.DEFAULT_SOURCE, show_default=True)
 @click.option("--patches", "selection", default="all", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to create (must not exist).")
-@user_errors
 def patches_apply(spec: str, selection: str, out: Path) -> None:
     """Write a patched copy of SOURCE to OUT; OUT appears only if every patch applied."""
     if out.exists():
@@ -209,7 +199,6 @@ def patches_apply(spec: str, selection: str, out: Path) -> None:
 @click.option("--no-switch", is_flag=True, help="Install but leave `current` where it is.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
-@user_errors
 def build(
     gpu: str, arch: tuple[str, ...], selection: str, spec: str, jobs: int | None, wait: float,
     no_switch: bool, dry_run: bool, as_json: bool,
@@ -255,7 +244,6 @@ def builds_group() -> None:
 
 @builds_group.command("list")
 @click.option("--json", "as_json", is_flag=True)
-@user_errors
 def builds_list(as_json: bool) -> None:
     paths = get_paths()
     found = builds.list_builds(paths)
@@ -271,7 +259,6 @@ def builds_list(as_json: bool) -> None:
 
 @builds_group.command("use")
 @click.argument("build_id")
-@user_errors
 def builds_use(build_id: str) -> None:
     """Make BUILD_ID (an id prefix, vanilla or patched) current."""
     paths = get_paths()
@@ -283,7 +270,6 @@ def builds_use(build_id: str) -> None:
 @builds_group.command("rm")
 @click.argument("build_id")
 @click.option("--force", is_flag=True, help="Also remove the current build.")
-@user_errors
 def builds_rm(build_id: str, force: bool) -> None:
     paths = get_paths()
     chosen = builds.find_build(paths, build_id)
@@ -295,7 +281,6 @@ def builds_rm(build_id: str, force: bool) -> None:
 @builds_group.command("path")
 @click.argument("build_id", default="current")
 @click.option("--bin", "binary", help="Print the path of this binary, e.g. llama-server.")
-@user_errors
 def builds_path(build_id: str, binary: str | None) -> None:
     chosen = builds.find_build(get_paths(), build_id)
     click.echo(chosen.bin(binary) if binary else chosen.directory)
@@ -311,7 +296,6 @@ def models_group() -> None:
 
 @models_group.command("fetch")
 @click.argument("name", default=models.DEFAULT_MODEL)
-@user_errors
 def models_fetch(name: str) -> None:
     click.echo(models.fetch_model(get_paths(), name))
 
@@ -342,7 +326,6 @@ def resolve_model_arg(model: str | None) -> Path:
 @click.option("--model", help="GGUF path or known model name (default: smollm2-135m).")
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--gpu", default="auto", show_default=True)
-@user_errors
 def up(model: str | None, port: int, gpu: str) -> None:
     """Build the patched server for this machine if needed, then serve MODEL on 127.0.0.1."""
     paths = get_paths()
@@ -414,7 +397,6 @@ def _plan_options(func: Callable[P, R]) -> Callable[P, R]:
 @click.option("--ctx", type=int, help="Context for the KV memory table (default: the trained context).")
 @click.option("--slots", type=int, default=1, show_default=True, help="Slots sharing that context.")
 @click.option("--json", "as_json", is_flag=True)
-@user_errors
 def inspect_cmd(model: str, ctx: int | None, slots: int, as_json: bool) -> None:
     """Read MODEL's GGUF header (a path or an Ollama model name): shape, vocabulary, KV sizes."""
     info = inspect_model(resolve_model(model))
@@ -430,7 +412,6 @@ def inspect_cmd(model: str, ctx: int | None, slots: int, as_json: bool) -> None:
 @_plan_options
 @click.option("--env", "as_env", is_flag=True, help="Print the plan as LLAMA_ARG_* exports.")
 @click.option("--json", "as_json", is_flag=True)
-@user_errors
 def tune_cmd(
     model: str, profile: str, workload: str, ctx: int | None, slots: int | None, draft: str,
     draft_dirs: tuple[Path, ...], build_id: str, as_env: bool, as_json: bool,
@@ -454,7 +435,6 @@ def tune_cmd(
 @click.argument("model")
 @_plan_options
 @click.option("--port", type=int, default=8080, show_default=True)
-@user_errors
 def serve_cmd(
     model: str, profile: str, workload: str, ctx: int | None, slots: int | None, draft: str,
     draft_dirs: tuple[Path, ...], build_id: str, port: int,
