@@ -23,19 +23,17 @@ import concurrent.futures
 import json
 import os
 import platform
-import re
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
+
+from velollm_patch import serve
 
 MiB = 1024 * 1024
 
@@ -58,81 +56,31 @@ def model_arch(model: Path) -> str:
         return "llama"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def start(binary: Path, model: Path, args: list[str], workdir: Path, threads: int) -> serve.RunningServer:
+    slots = workdir / "slots"
+    slots.mkdir(exist_ok=True)
+    config = serve.ServerConfig(
+        binary=binary,
+        model=model,
+        log_file=workdir / f"server-{time.time_ns()}.log",
+        args=("-t", str(threads), "--slot-save-path", f"{slots}{os.sep}", *args),
+    )
+    return serve.start_server(config, timeout=600)
 
 
-class Server:
-    def __init__(self, binary: Path, model: Path, args: list[str], workdir: Path, threads: int) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        slots = workdir / "slots"
-        slots.mkdir(exist_ok=True)
-        self.cmd = [
-            str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-            "-t", str(threads), "--slot-save-path", str(slots) + os.sep, *args,
-        ]  # fmt: skip
-        self.log_path = workdir / f"server-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.client = httpx.Client(base_url=self.url, timeout=1800)
-        deadline = time.monotonic() + 600
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}): {self.log_path.read_text()[-3000:]}")
-            try:
-                if self.client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.client.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def rss(self, settle: float = 1.0) -> int:
-        time.sleep(settle)
-        return int(psutil.Process(self.proc.pid).memory_info().rss)
-
-    def metrics(self) -> dict[str, float]:
-        text = self.client.get("/metrics").text
-        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^llamacpp:(kv\w+) (\S+)$", text, re.M)}
-
-    def n_tokens(self, text: str) -> int:
-        return len(self.client.post("/tokenize", json={"content": text}).json()["tokens"])
-
-    def complete(self, prompt: str, n_predict: int, **extra: Any) -> dict[str, Any]:
-        body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "top_k": 1, "seed": 42,
-                "cache_prompt": True, "ignore_eos": True, **extra}  # fmt: skip
-        r = self.client.post("/completion", json=body)
-        r.raise_for_status()
-        return dict(r.json())
-
-    def erase(self, slot: int) -> None:
-        self.client.post(f"/slots/{slot}", params={"action": "erase"}).raise_for_status()
+def rss(server: serve.RunningServer, settle: float = 1.0) -> int:
+    """The RSS after a moment's rest (freed pages are not always given back synchronously)."""
+    time.sleep(settle)
+    return server.rss_bytes()
 
 
-def fill_text(server: Server, n_tokens: int) -> str:
-    per = server.n_tokens(FILL_TEXT)
+def complete(server: serve.RunningServer, prompt: str, n_predict: int, **extra: Any) -> dict[str, Any]:
+    params = {"cache_prompt": True, "ignore_eos": True, **extra}
+    return serve.complete(server, prompt, n_predict, timeout=1800, **params)
+
+
+def fill_text(server: serve.RunningServer, n_tokens: int) -> str:
+    per = len(server.tokenize(FILL_TEXT))
     return FILL_TEXT * max(1, n_tokens // per)
 
 
@@ -145,8 +93,8 @@ def kv(m: dict[str, float]) -> dict[str, float]:
 
 
 def bench_idle(binary: Path, model: Path, extra: list[str], ctx: int, wd: Path, threads: int) -> dict[str, Any]:
-    with Server(binary, model, ["-c", str(ctx), "-np", "1", *BASE_ARGS, *extra], wd, threads) as s:
-        return {"rss": s.rss(2.0), **kv(s.metrics())}
+    with start(binary, model, ["-c", str(ctx), "-np", "1", *BASE_ARGS, *extra], wd, threads) as s:
+        return {"rss": rss(s, 2.0), **kv(s.metrics())}
 
 
 def bench_fill(binary: Path, model: Path, extra: list[str], sizes: list[int], wd: Path, threads: int) -> dict[str, Any]:
@@ -159,55 +107,55 @@ def bench_fill(binary: Path, model: Path, extra: list[str], sizes: list[int], wd
     """
     args = ["-c", "131072", "-np", "4", "--no-kv-unified", *BASE_ARGS, *extra]
     out: dict[str, Any] = {"fill": {}}
-    with Server(binary, model, args, wd, threads) as s:
-        out["idle_rss"] = s.rss(2.0)
+    with start(binary, model, args, wd, threads) as s:
+        out["idle_rss"] = rss(s, 2.0)
         held = [0, 0, 0, 0]
         for n in sizes:
             target = [n, 0, 0, 0] if n <= 4096 else [n // 4] * 4
             for slot, want in enumerate(target):
                 if want > held[slot]:
                     # the same prefix each time: only the new tokens are processed
-                    s.complete(f"Part {slot}. " + fill_text(s, want - 16), n_predict=4, id_slot=slot)
+                    complete(s, f"Part {slot}. " + fill_text(s, want - 16), n_predict=4, id_slot=slot)
                     held[slot] = want
-            out["fill"][str(n)] = {"rss": s.rss(), "held": list(held), **kv(s.metrics())}
+            out["fill"][str(n)] = {"rss": rss(s), "held": list(held), **kv(s.metrics())}
         for slot in range(4):
-            s.erase(slot)
-        out["cleared"] = {"rss": s.rss(2.0), **kv(s.metrics())}
+            s.erase_slot(slot)
+        out["cleared"] = {"rss": rss(s, 2.0), **kv(s.metrics())}
     return out
 
 
 def bench_slots(binary: Path, model: Path, extra: list[str], wd: Path, threads: int, n_tok: int) -> dict[str, Any]:
     args = ["-c", "131072", "-np", "4", "--no-kv-unified", *BASE_ARGS, *extra]
     out: dict[str, Any] = {}
-    with Server(binary, model, args, wd, threads) as s:
-        out["idle"] = {"rss": s.rss(2.0), **kv(s.metrics())}
+    with start(binary, model, args, wd, threads) as s:
+        out["idle"] = {"rss": rss(s, 2.0), **kv(s.metrics())}
         prompts = [f"Conversation {i}. " + fill_text(s, n_tok) for i in range(4)]
         peak = 0
 
         def converse(i: int) -> None:
             # two turns: the second turn extends the first (prompt cache reuse)
-            first = s.complete(prompts[i], n_predict=32, id_slot=i)
-            s.complete(prompts[i] + first["content"] + " And then?", n_predict=32, id_slot=i)
+            first = complete(s, prompts[i], n_predict=32, id_slot=i)
+            complete(s, prompts[i] + first["content"] + " And then?", n_predict=32, id_slot=i)
 
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
             futs = [ex.submit(converse, i) for i in range(4)]
             while not all(f.done() for f in futs):
-                peak = max(peak, int(psutil.Process(s.proc.pid).memory_info().rss))
+                peak = max(peak, s.rss_bytes())
                 time.sleep(0.2)
             for f in futs:
                 f.result()
-        out["after"] = {"rss": s.rss(), "rss_peak": peak, **kv(s.metrics())}
+        out["after"] = {"rss": rss(s), "rss_peak": peak, **kv(s.metrics())}
         for i in range(4):
-            s.erase(i)
-        out["cleared"] = {"rss": s.rss(2.0), **kv(s.metrics())}
+            s.erase_slot(i)
+        out["cleared"] = {"rss": rss(s, 2.0), **kv(s.metrics())}
     return out
 
 
 def bench_speed(binary: Path, model: Path, extra: list[str], wd: Path, threads: int, n_prompt: int) -> dict[str, Any]:
-    with Server(binary, model, ["-c", "32768", "-np", "1", *BASE_ARGS, *extra], wd, threads) as s:
+    with start(binary, model, ["-c", "32768", "-np", "1", *BASE_ARGS, *extra], wd, threads) as s:
         prompt = fill_text(s, n_prompt)
-        s.complete("warm up", n_predict=8, cache_prompt=False)
-        res = s.complete(prompt, n_predict=128, cache_prompt=False)
+        complete(s, "warm up", n_predict=8, cache_prompt=False)
+        res = complete(s, prompt, n_predict=128, cache_prompt=False)
         t = res["timings"]
         return {"prompt_n": t["prompt_n"], "prompt_tps": t["prompt_per_second"],
                 "decode_n": t["predicted_n"], "decode_tps": t["predicted_per_second"]}  # fmt: skip

@@ -8,12 +8,12 @@ home so developers can reuse builds between runs; CI leaves it unset and builds 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from velollm_patch import hardware, models
+from velollm_patch import hardware, models, proc, serve
 from velollm_patch.build import BuildOptions, plan_build, run_build
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.paths import Paths, get_paths
@@ -75,3 +75,42 @@ def patched_server(patched_build: InstalledBuild) -> Path:
 @pytest.fixture(scope="session")
 def vanilla_server(vanilla_build: InstalledBuild) -> Path:
     return vanilla_build.bin("llama-server")
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16_gguf(patched_build: InstalledBuild, smollm2_gguf: Path, paths: Paths) -> Path:
+    """SmolLM2-135M as F16, requantized from the Q4_1 demo model: the same weights as the Q4_1 model, so the
+    pair is a speculative-decoding target (F16) and draft (Q4_1) with high acceptance."""
+    out = paths.models / "SmolLM2-135M-Instruct.F16.gguf"
+    if not out.is_file():
+        partial = out.with_suffix(".partial")
+        quantize = patched_build.bin("llama-quantize")
+        proc.run([str(quantize), "--allow-requantize", str(smollm2_gguf), str(partial), "F16"])
+        partial.replace(out)
+    return out
+
+
+@pytest.fixture
+def start_patched_server(tmp_path: Path, patched_server: Path) -> Iterator[Callable[..., serve.RunningServer]]:
+    """Start patched llama-servers on 127.0.0.1 (metrics on, slot erase allowed, no warm-up); they are all
+    stopped when the test ends. Call it as ``start(model, *args, env={...})``."""
+    started: list[serve.RunningServer] = []
+
+    def start(model: Path, *args: str, env: dict[str, str] | None = None) -> serve.RunningServer:
+        label = f"server-{len(started)}"
+        slot_dir = tmp_path / f"{label}-slots"
+        slot_dir.mkdir()
+        config = serve.ServerConfig(
+            binary=patched_server,
+            model=model,
+            args=("--metrics", "--slot-save-path", f"{slot_dir}{os.sep}", "--no-warmup", "-t", "2", *args),
+            env=env or {},
+            log_file=tmp_path / f"{label}.log",
+        )
+        running = serve.start_server(config, timeout=300)  # a readiness wait, not a performance threshold
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 from velollm_patch.ollama.api import keep_alive_seconds
 
@@ -74,14 +74,11 @@ def llama31_8b() -> FakeModel:
     )
 
 
-class FakeOllama:
-    """Use as a context manager; ``url`` is the base URL, ``requests`` records (method, path, body)."""
+class BackgroundHTTPServer:
+    """An HTTP server on a free 127.0.0.1 port, served by a thread while used as a context manager;
+    subclasses provide the request handler class."""
 
-    def __init__(self, models: list[FakeModel] | None = None, version: str = "0.33.0") -> None:
-        self.version = version
-        self.models = {m.name: m for m in (models or [])}
-        self.loaded: dict[str, dt.datetime | None] = {}  # name -> expiry (None: forever)
-        self.requests: list[tuple[str, str, dict[str, Any]]] = []
+    def __init__(self) -> None:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         # A short poll interval keeps shutdown (and so every test using a server) fast.
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
@@ -89,13 +86,9 @@ class FakeOllama:
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def load(self, name: str) -> None:
-        self.loaded[name] = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
-
-    def __enter__(self) -> FakeOllama:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -103,6 +96,23 @@ class FakeOllama:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+
+class FakeOllama(BackgroundHTTPServer):
+    """Use as a context manager; ``url`` is the base URL, ``requests`` records (method, path, body)."""
+
+    def __init__(self, models: list[FakeModel] | None = None, version: str = "0.33.0") -> None:
+        self.version = version
+        self.models = {m.name: m for m in (models or [])}
+        self.loaded: dict[str, dt.datetime | None] = {}  # name -> expiry (None: forever)
+        self.requests: list[tuple[str, str, dict[str, Any]]] = []
+        super().__init__()
+
+    def load(self, name: str) -> None:
+        self.loaded[name] = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self

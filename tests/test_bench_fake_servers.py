@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from tests.fake_ollama import FakeModel, FakeOllama
+from tests.fake_ollama import BackgroundHTTPServer, FakeModel, FakeOllama
 from velollm_patch.bench import history
 from velollm_patch.bench.runner import BenchConfig, RunResult, load_result, run_bench
 from velollm_patch.bench.targets import open_target, parse_target
-from velollm_patch.cli_bench import bench
+from velollm_patch.cli import main
 from velollm_patch.errors import VelollmError
 from velollm_patch.paths import Paths
 
@@ -95,7 +94,7 @@ def test_cli_run_against_ollama_saves_result_report_and_history(
 ) -> None:
     monkeypatch.setenv("VELOLLM_HOME", str(tmp_path / "home"))
     out = tmp_path / "out"
-    result = CliRunner().invoke(bench, [
+    result = CliRunner().invoke(main, ["bench",
         "run", f"ollama:{ollama.url}", "--model", MODEL, "--scenarios", "short,code_gen", "--repeats", "2",
         "--n-predict", "3", "--out", str(out), "--json",
     ])
@@ -111,28 +110,13 @@ def test_cli_run_against_ollama_saves_result_report_and_history(
     assert entry.summary == "decode tok/s: short 50.0, code_gen 50.0"
 
 
-class _FakeOpenAI:
+class _FakeOpenAI(BackgroundHTTPServer):
     """An OpenAI-compatible server with no llama-server extras: /v1/models and a streamed
     /v1/chat/completions that sends one word per chunk and ``usage`` at the end when asked."""
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> _FakeOpenAI:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        super().__init__()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self

@@ -32,7 +32,7 @@ from velollm_patch.bench.runner import (
 )
 from velollm_patch.bench.scenarios import SCENARIO_NAMES, load_scenario, parse_names, render_transcript
 from velollm_patch.bench.targets import TargetInfo, parse_target
-from velollm_patch.cli_bench import bench
+from velollm_patch.cli import main
 from velollm_patch.errors import VelollmError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -302,24 +302,24 @@ def test_cli_compare_history_and_report(tmp_path: Path, monkeypatch: pytest.Monk
     old = save_result(_run("vanilla", 100.0), tmp_path / "old.json")
     new = save_result(_run("patched", 120.0), tmp_path / "new" / "result.json")
     runner = CliRunner()
-    result = runner.invoke(bench, ["compare", str(old), str(new), "--json"])
+    result = runner.invoke(main, ["bench", "compare", str(old), str(new), "--json"])
     assert result.exit_code == 0, result.output
     rows = {row["key"]: row for row in json.loads(result.output)}
     assert rows["short.decode_tps"]["ratio"] == pytest.approx(1.2) and rows["short.decode_tps"]["verdict"] == "better"
     ab_file = save_result(_ab(), tmp_path / "ab.json")
-    refused = runner.invoke(bench, ["compare", str(old), str(ab_file)])
+    refused = runner.invoke(main, ["bench", "compare", str(old), str(ab_file)])
     assert refused.exit_code == 1 and "compare takes two `bench run` results" in refused.output
     assert "Traceback" not in refused.output
-    report = runner.invoke(bench, ["report", str(new)])
+    report = runner.invoke(main, ["bench", "report", str(new)])
     assert report.exit_code == 0, report.output
     assert (tmp_path / "new" / "report.md").is_file() and (tmp_path / "new" / "tokens_per_s.png").is_file()
-    empty = runner.invoke(bench, ["history", "--json"])
+    empty = runner.invoke(main, ["bench", "history", "--json"])
     assert empty.exit_code == 0 and json.loads(empty.output) == []
 
 
 def test_cli_unreachable_url_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VELOLLM_HOME", str(tmp_path))
-    result = CliRunner().invoke(bench, ["run", "http://127.0.0.1:9", "--quick"])
+    result = CliRunner().invoke(main, ["bench", "run", "http://127.0.0.1:9", "--quick"])
     assert result.exit_code == 1
     assert "error: cannot reach http://127.0.0.1:9" in result.output and "is the server running?" in result.output
     assert "Traceback" not in result.output
@@ -329,9 +329,9 @@ def test_cli_unreachable_url_is_one_line(tmp_path: Path, monkeypatch: pytest.Mon
 def test_cli_rejects_bad_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VELOLLM_HOME", str(tmp_path))
     runner = CliRunner()
-    bad = runner.invoke(bench, ["run", "http://127.0.0.1:9", "--concurrency", "1,x"])
+    bad = runner.invoke(main, ["bench", "run", "http://127.0.0.1:9", "--concurrency", "1,x"])
     assert bad.exit_code == 1 and "comma list of numbers" in bad.output
-    same = runner.invoke(bench, ["ab", "http://127.0.0.1:9", "http://127.0.0.1:9"])
+    same = runner.invoke(main, ["bench", "ab", "http://127.0.0.1:9", "http://127.0.0.1:9"])
     assert same.exit_code == 1 and "A and B are the same target" in same.output
-    missing = runner.invoke(bench, ["run", "no-such-build"])
+    missing = runner.invoke(main, ["bench", "run", "no-such-build"])
     assert missing.exit_code == 1 and "no build 'no-such-build'" in missing.output

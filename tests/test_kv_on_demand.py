@@ -12,26 +12,23 @@ per-slot "kv" object in /slots, and the resident set size of the server process 
 
 No timing thresholds: only memory sizes and outputs are asserted.
 
-Inputs: the fixtures ``patched_server`` (llama-server binary of a build with the full series), ``smollm2_gguf``
-and ``gemma3_gguf`` from tests/conftest.py. VELOLLM_TEST_PATCHED_SERVER / VELOLLM_TEST_SMOLLM2 /
-VELOLLM_TEST_GEMMA3, when set, take precedence (to test a hand-built llama-server or local models).
+Inputs: the session fixtures ``patched_server`` (llama-server of a build with the full series), ``smollm2_gguf``
+and ``gemma3_gguf`` from tests/conftest.py.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import re
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-import psutil
 import pytest
+
+from velollm_patch import serve
+from velollm_patch.serve import RunningServer
+
+StartServer = Callable[..., RunningServer]
 
 pytestmark = pytest.mark.slow
 
@@ -45,174 +42,15 @@ FILL_TEXT = (
 )
 
 
-# --------------------------------------------------------------------------------------------------------------
-# inputs: conftest fixtures, or these env-based fallbacks
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _input(request: pytest.FixtureRequest, fixture: str, env: str) -> Path:
-    """A conftest fixture, unless the environment variable points at a file (a hand-built binary or a local model)."""
-    value = os.environ.get(env)
-    if value:
-        path = Path(value)
-        if not path.is_file():
-            pytest.skip(f"{env}={value} does not exist")
-        return path
-    try:
-        return Path(request.getfixturevalue(fixture))
-    except pytest.FixtureLookupError:
-        pytest.skip(f"neither the {fixture} fixture nor {env} is available")
-
-
-@pytest.fixture
-def server_bin(request: pytest.FixtureRequest) -> Path:
-    return _input(request, "patched_server", "VELOLLM_TEST_PATCHED_SERVER")
-
-
-@pytest.fixture
-def smollm2(request: pytest.FixtureRequest) -> Path:
-    return _input(request, "smollm2_gguf", "VELOLLM_TEST_SMOLLM2")
-
-
-@pytest.fixture
-def gemma3(request: pytest.FixtureRequest) -> Path:
-    return _input(request, "gemma3_gguf", "VELOLLM_TEST_GEMMA3")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# a real llama-server process
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-    client: httpx.Client
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def rss(self) -> int:
-        return int(psutil.Process(self.proc.pid).memory_info().rss)
-
-    def metrics(self) -> dict[str, float]:
-        r = self.client.get("/metrics")
-        r.raise_for_status()
-        out: dict[str, float] = {}
-        for line in r.text.splitlines():
-            m = re.match(r"^llamacpp:(\w+) (\S+)$", line)
-            if m:
-                out[m.group(1)] = float(m.group(2))
-        return out
-
-    def slots(self) -> list[dict]:
-        r = self.client.get("/slots")
-        r.raise_for_status()
-        return list(r.json())
-
-    def complete(self, prompt: str, n_predict: int, **extra: object) -> dict:
-        body = {
-            "prompt": prompt,
-            "n_predict": n_predict,
-            "temperature": 0.0,
-            "top_k": 1,
-            "seed": 42,
-            "cache_prompt": True,
-            **extra,
-        }
-        r = self.client.post("/completion", json=body, timeout=600)
-        r.raise_for_status()
-        return dict(r.json())
-
-    def erase(self, slot: int) -> None:
-        r = self.client.post(f"/slots/{slot}", params={"action": "erase"})
-        r.raise_for_status()
-
-
-def _start(server_bin: Path, model: Path, args: list[str], tmp_path: Path, name: str) -> Server:
-    port = _free_port()
-    log_path = tmp_path / f"{name}.log"
-    slot_dir = tmp_path / f"{name}-slots"
-    slot_dir.mkdir(exist_ok=True)
-    cmd = [
-        str(server_bin),
-        "-m", str(model),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--metrics",
-        "--slot-save-path", str(slot_dir) + os.sep,
-        "--no-warmup",
-        "-t", "2",
-        *args,
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, timeout=60)
-    server = Server(proc, url, log_path, client)
-    deadline = time.monotonic() + 300  # readiness wait only, not a performance threshold
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {proc.returncode}:\n{server.log()[-4000:]}")
-        try:
-            if client.get("/health").status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            _stop(server)
-            raise RuntimeError(f"llama-server did not become ready:\n{server.log()[-4000:]}")
-        time.sleep(0.2)
-
-
-def _stop(server: Server) -> None:
-    server.client.close()
-    if server.proc.poll() is None:
-        server.proc.terminate()
-        try:
-            server.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
-
-
-@pytest.fixture
-def start_server(tmp_path: Path, server_bin: Path) -> Iterator:
-    """Start llama-server processes; all of them are stopped when the test ends."""
-    servers: list[Server] = []
-
-    def start(model: Path, *args: str, name: str = "server") -> Server:
-        s = _start(server_bin, model, list(args), tmp_path, f"{name}-{len(servers)}")
-        servers.append(s)
-        return s
-
-    try:
-        yield start
-    finally:
-        for s in servers:
-            _stop(s)
-
-
-def _settle_rss(server: Server) -> int:
+def _settle_rss(server: RunningServer) -> int:
     """RSS after the server has been idle for a moment (frees are not always synchronous)."""
     time.sleep(1.0)
-    return server.rss()
+    return server.rss_bytes()
 
 
-def _fill_prompt(server: Server, n_tokens: int) -> str:
+def _fill_prompt(server: RunningServer, n_tokens: int) -> str:
     """A prompt of about n_tokens tokens (counted with the server's tokenizer)."""
-    r = server.client.post("/tokenize", json={"content": FILL_TEXT})
-    r.raise_for_status()
-    per_chunk = max(1, len(r.json()["tokens"]))
+    per_chunk = max(1, len(server.tokenize(FILL_TEXT)))
     return FILL_TEXT * max(1, n_tokens // per_chunk)
 
 
@@ -221,11 +59,11 @@ def _fill_prompt(server: Server, n_tokens: int) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_idle_committed_much_less_than_reserved(start_server, smollm2: Path) -> None:
-    small = start_server(smollm2, "-c", "2048", "-np", "1", "-fa", "on", "--kv-on-demand", name="c2048")
+def test_idle_committed_much_less_than_reserved(start_patched_server: StartServer, smollm2_gguf: Path) -> None:
+    small = start_patched_server(smollm2_gguf, "-c", "2048", "-np", "1", "-fa", "on", "--kv-on-demand")
     rss_small = _settle_rss(small)
 
-    big = start_server(smollm2, "-c", "32768", "-np", "1", "-fa", "on", "--kv-on-demand", name="c32768")
+    big = start_patched_server(smollm2_gguf, "-c", "32768", "-np", "1", "-fa", "on", "--kv-on-demand")
     rss_big = _settle_rss(big)
     m = big.metrics()
 
@@ -247,14 +85,16 @@ def test_idle_committed_much_less_than_reserved(start_server, smollm2: Path) -> 
     assert slot["kv"]["committed_bytes"] == 0
 
 
-def test_committed_grows_with_tokens_and_drops_after_erase(start_server, smollm2: Path) -> None:
-    s = start_server(smollm2, "-c", "32768", "-np", "1", "-fa", "on", "--kv-on-demand", "--cache-ram", "0")
+def test_committed_grows_with_tokens_and_drops_after_erase(
+    start_patched_server: StartServer, smollm2_gguf: Path
+) -> None:
+    s = start_patched_server(smollm2_gguf, "-c", "32768", "-np", "1", "-fa", "on", "--kv-on-demand", "--cache-ram", "0")
     rss_idle = _settle_rss(s)
     m_idle = s.metrics()
     bytes_per_cell = m_idle["kv_reserved_bytes"] / m_idle["kv_cells"]
 
     # SmolLM2 is trained for 8192 tokens: the server caps the slot there
-    s.complete(_fill_prompt(s, 6000), n_predict=4)
+    serve.complete(s, _fill_prompt(s, 6000), n_predict=4, cache_prompt=True)
     m_full = s.metrics()
     rss_full = _settle_rss(s)
 
@@ -272,7 +112,7 @@ def test_committed_grows_with_tokens_and_drops_after_erase(start_server, smollm2
     assert slot["kv"]["cells_high_water"] == m_full["kv_high_water_cells"]
     assert slot["kv"]["committed_bytes"] == m_full["kv_committed_bytes"]
 
-    s.erase(0)
+    s.erase_slot(0)
     m_erased = s.metrics()
     rss_erased = _settle_rss(s)
 
@@ -286,19 +126,19 @@ def test_committed_grows_with_tokens_and_drops_after_erase(start_server, smollm2
     assert rss_erased < rss_full
 
 
-def _greedy(server: Server, prompts: list[str], n_predict: int = 48) -> list[str]:
-    return [server.complete(p, n_predict=n_predict)["content"] for p in prompts]
+def _greedy(server: RunningServer, prompts: list[str], n_predict: int = 48) -> list[str]:
+    return [serve.complete(server, p, n_predict=n_predict, cache_prompt=True)["content"] for p in prompts]
 
 
-def test_greedy_output_identical_on_off(start_server, smollm2: Path) -> None:
+def test_greedy_output_identical_on_off(start_patched_server: StartServer, smollm2_gguf: Path) -> None:
     prompts = [PROMPT, "Once upon a time", PROMPT + "The fox said:"]
     common = ("-c", "4096", "-np", "1", "-fa", "on")
 
-    off = start_server(smollm2, *common, name="off")
+    off = start_patched_server(smollm2_gguf, *common)
     out_off = _greedy(off, prompts)
     assert off.metrics()["kv_on_demand"] == 0
 
-    on = start_server(smollm2, *common, "--kv-on-demand", name="on")
+    on = start_patched_server(smollm2_gguf, *common, "--kv-on-demand")
     out_on = _greedy(on, prompts)
     assert on.metrics()["kv_on_demand"] == 1
 
@@ -306,19 +146,19 @@ def test_greedy_output_identical_on_off(start_server, smollm2: Path) -> None:
     assert all(out_off)
 
 
-def test_parallel_slots_non_unified(start_server, smollm2: Path) -> None:
+def test_parallel_slots_non_unified(start_patched_server: StartServer, smollm2_gguf: Path) -> None:
     common = ("-c", "16384", "-np", "4", "--no-kv-unified", "-fa", "on", "--cache-ram", "0")
     prompts = [f"{PROMPT} Story number {i}: " + FILL_TEXT * (5 + 10 * i) for i in range(4)]
 
     # one request per slot, one after the other: with concurrent requests the batch composition depends on
     # timing, and so do the logits (also in vanilla llama.cpp), so outputs are compared sequentially
-    def run(server: Server) -> list[str]:
-        return [server.complete(p, 32, id_slot=i)["content"] for i, p in enumerate(prompts)]
+    def run(server: RunningServer) -> list[str]:
+        return [serve.complete(server, p, 32, id_slot=i, cache_prompt=True)["content"] for i, p in enumerate(prompts)]
 
-    off = start_server(smollm2, *common, name="off")
+    off = start_patched_server(smollm2_gguf, *common)
     out_off = run(off)
 
-    on = start_server(smollm2, *common, "--kv-on-demand", name="on")
+    on = start_patched_server(smollm2_gguf, *common, "--kv-on-demand")
     m_idle = on.metrics()
     assert m_idle["kv_committed_bytes"] == 0
     out_on = run(on)
@@ -337,35 +177,35 @@ def test_parallel_slots_non_unified(start_server, smollm2: Path) -> None:
     assert m["kv_committed_bytes"] == sum(s["kv"]["committed_bytes"] for s in slots)
 
     # erasing a slot gives back the memory of its stream only
-    on.erase(3)
+    on.erase_slot(3)
     after = {s["id"]: s["kv"] for s in on.slots()}
     assert after[3]["committed_bytes"] == 0
     for i in range(3):
         assert after[i]["committed_bytes"] == next(s["kv"] for s in slots if s["id"] == i)["committed_bytes"]
     for i in range(3):
-        on.erase(i)
+        on.erase_slot(i)
     assert on.metrics()["kv_committed_bytes"] == 0
 
     # concurrent conversations: memory grows per slot and is given back
     with concurrent.futures.ThreadPoolExecutor(4) as ex:
-        futs = [ex.submit(on.complete, p, 32, id_slot=i) for i, p in enumerate(prompts)]
+        futs = [ex.submit(serve.complete, on, p, 32, id_slot=i, cache_prompt=True) for i, p in enumerate(prompts)]
         assert all(f.result()["content"] for f in futs)
     assert all(s["kv"]["committed_bytes"] > 0 for s in on.slots())
     for i in range(4):
-        on.erase(i)
+        on.erase_slot(i)
     assert on.metrics()["kv_committed_bytes"] == 0
 
 
-def test_gemma3_swa(start_server, gemma3: Path) -> None:
+def test_gemma3_swa(start_patched_server: StartServer, gemma3_gguf: Path) -> None:
     common = ("-c", "32768", "-np", "1", "-fa", "on", "--cache-ram", "0", "--ctx-checkpoints", "0")
     prompts = [PROMPT, "Once upon a time", FILL_TEXT * 40 + "Summarize the text above."]
 
-    off = start_server(gemma3, *common, name="off")
+    off = start_patched_server(gemma3_gguf, *common)
     out_off = _greedy(off, prompts)
     m_off = off.metrics()
     assert m_off["kv_committed_bytes"] == m_off["kv_reserved_bytes"]
 
-    on = start_server(gemma3, *common, "--kv-on-demand", name="on")
+    on = start_patched_server(gemma3_gguf, *common, "--kv-on-demand")
     m_idle = on.metrics()
     assert m_idle["kv_on_demand"] == 1
     assert m_idle["kv_reserved_bytes"] == m_off["kv_reserved_bytes"]
@@ -378,13 +218,13 @@ def test_gemma3_swa(start_server, gemma3: Path) -> None:
     assert m_used["kv_committed_bytes"] > m_idle["kv_committed_bytes"]
     assert m_used["kv_committed_bytes"] < m_used["kv_reserved_bytes"] / 4
 
-    on.erase(0)
+    on.erase_slot(0)
     assert on.metrics()["kv_committed_bytes"] == 0
 
 
-def test_flash_attention_off_warns_and_preallocates(start_server, smollm2: Path) -> None:
-    s = start_server(smollm2, "-c", "8192", "-np", "1", "-fa", "off", "--kv-on-demand")
-    log = s.log()
+def test_flash_attention_off_warns_and_preallocates(start_patched_server: StartServer, smollm2_gguf: Path) -> None:
+    s = start_patched_server(smollm2_gguf, "-c", "8192", "-np", "1", "-fa", "off", "--kv-on-demand")
+    log = s.log_text()
     assert "kv_on_demand requires flash attention" in log
     assert "committed on demand" not in log
 
@@ -394,5 +234,5 @@ def test_flash_attention_off_warns_and_preallocates(start_server, smollm2: Path)
     assert m["kv_committed_bytes"] == m["kv_reserved_bytes"]
 
     # vanilla path: the whole KV buffer is resident from the start
-    assert s.rss() >= m["kv_reserved_bytes"]
-    assert s.complete(PROMPT, n_predict=8)["content"]
+    assert s.rss_bytes() >= m["kv_reserved_bytes"]
+    assert serve.complete(s, PROMPT, n_predict=8)["content"]

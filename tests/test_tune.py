@@ -107,6 +107,14 @@ KV_ON_DEMAND_HELP = """\
                                         (env: LLAMA_ARG_KV_ON_DEMAND)
 """
 
+SPEC_ADAPTIVE_HELP = """\
+--spec-adaptive, --no-spec-adaptive     choose the draft length per slot and step from the measured acceptance
+                                        and the cost of drafting (default: disabled)
+                                        (env: LLAMA_ARG_SPEC_ADAPTIVE)
+--spec-adaptive-min N                   smallest draft length chosen by --spec-adaptive (default: 1)
+                                        (env: LLAMA_ARG_SPEC_ADAPTIVE_MIN)
+"""
+
 
 @pytest.fixture(scope="module")
 def flags() -> ServerFlags:
@@ -345,6 +353,21 @@ def test_code_workload_uses_ngram_speculation(smollm2: ModelInfo, flags: ServerF
     assert arg(p, "--kv-unified-per-slot") is None and arg(p, "--ctx-size") == "8192"
 
 
+def test_adaptive_draft_length_when_the_build_has_it(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    with_flag = ServerFlags("excerpt+adaptive", (*flags.flags, *parse_help(SPEC_ADAPTIVE_HELP)))
+    patched = facts(with_flag, patches=("spec-adaptive",))
+    p = plan(smollm2, recorded_hardware("cpu-2core"), patched, TuneRequest(workload="edit"))
+    assert arg(p, "--spec-type") == "ngram-mod" and "--spec-adaptive" in p.args
+    assert "--no-spec-adaptive" not in p.args and p.env["LLAMA_ARG_SPEC_ADAPTIVE"] == "1"
+    assert choice(p, "spec_adaptive") == "--spec-adaptive"
+    # chat with no draft model: nothing to adapt
+    p = plan(smollm2, recorded_hardware("cpu-2core"), patched)
+    assert "--spec-adaptive" not in p.args
+    # the flag without the patch in the manifest: fixed lengths, as upstream
+    p = plan(smollm2, recorded_hardware("cpu-2core"), facts(with_flag), TuneRequest(workload="edit"))
+    assert "--spec-adaptive" not in p.args
+
+
 def test_requested_context_and_slots(gemma3: ModelInfo, flags: ServerFlags) -> None:
     p = plan(gemma3, recorded_hardware("cpu-2core"), facts(flags), TuneRequest(ctx=2048, slots=2))
     assert (arg(p, "--ctx-size"), arg(p, "--parallel"), arg(p, "--kv-unified-per-slot")) == ("4096", "2", "2048")
@@ -424,7 +447,8 @@ def test_help_excerpt_matches_the_real_server(patched_server: Path, paths: Paths
         found = real.get(spec.names[-1])
         assert found is not None, spec.names
         assert (found.names, found.negative, found.env) == (spec.names, spec.negative, spec.env)
-    assert not real.accepts("--draft-max")
+    # upstream removed --draft-max; the spec-legacy-flags patch accepts it again (with a deprecation warning)
+    assert real.accepts("--draft-max")
     assert real.get("--spec-type") is not None and "ngram-mod" in real.get("--spec-type").choices()  # type: ignore[union-attr]
     # Cached per binary digest: a second read does not run the binary again.
     cached = list((paths.cache / "server-flags").glob("*.json"))

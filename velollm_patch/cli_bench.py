@@ -10,9 +10,8 @@ import json
 import shlex
 import sys
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import click
 from rich import progress as rich_progress
@@ -41,30 +40,10 @@ from velollm_patch.errors import VelollmError
 from velollm_patch.paths import get_paths
 
 console = Console(stderr=True)
-P = ParamSpec("P")
-R = TypeVar("R")
 
 RESULT_NAME = "result.json"
 # --quick: every scenario, small enough to finish in a minute or two on a laptop CPU.
 QUICK = {"repeats": 1, "n_predict": 32, "concurrency": (1, 2), "max_context": 4096}
-
-
-def _errors(func: Callable[P, R]) -> Callable[P, R]:
-    """One line and an exit code for VelollmError. Ctrl-C inside a run is handled by the runner
-    (partial results are saved); one that lands outside a run has nothing to save."""
-
-    @wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return func(*args, **kwargs)
-        except VelollmError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            console.print("interrupted before any measurement; nothing saved", highlight=False)
-            sys.exit(130)
-
-    return wrapper
 
 
 class RichProgress(Progress):
@@ -237,7 +216,6 @@ def bench() -> None:
 @click.argument("target")
 @click.option("--server-args", help="Extra llama-server flags for a started server, e.g. \"-c 8192 -fa on\".")
 @_run_options
-@_errors
 def bench_run(target: str, server_args: str | None, **options: Any) -> None:
     """Run the scenarios against TARGET.
 
@@ -262,7 +240,6 @@ def bench_run(target: str, server_args: str | None, **options: Any) -> None:
 @click.option("--a-args", help="Extra flags for A only (after --server-args).")
 @click.option("--b-args", help="Extra flags for B only (after --server-args).")
 @_run_options
-@_errors
 def bench_ab(
     target_a: str, target_b: str, rounds: int, server_args: str | None, a_args: str | None, b_args: str | None,
     **options: Any,
@@ -296,7 +273,6 @@ def bench_ab(
 @click.argument("old", type=click.Path(path_type=Path))
 @click.argument("new", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the ratios as JSON.")
-@_errors
 def bench_compare(old: Path, new: Path, as_json: bool) -> None:
     """Ratio NEW/OLD of every metric two saved runs share (result.json files of `bench run`)."""
     results = [load_result(path) for path in (old, new)]
@@ -318,7 +294,6 @@ def bench_compare(old: Path, new: Path, as_json: bool) -> None:
 @bench.command("history")
 @click.option("--limit", type=int, default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-@_errors
 def bench_history(limit: int, as_json: bool) -> None:
     """Past runs and A/Bs, newest first."""
     found = history.entries(get_paths().bench / history.DB_NAME, limit)
@@ -341,7 +316,6 @@ def bench_history(limit: int, as_json: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Directory for report.md and charts (default: beside "
                                                              "the result).")
 @click.option("--no-charts", is_flag=True)
-@_errors
 def bench_report(result_file: Path, out: Path | None, no_charts: bool) -> None:
     """Write report.md and the charts again for a saved result."""
     result = load_result(result_file)

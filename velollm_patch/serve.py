@@ -8,6 +8,7 @@ log in a file whose tail explains a failed start.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -64,12 +65,14 @@ class RunningServer:
     def rss_bytes(self) -> int:
         return int(psutil.Process(self.process.pid).memory_info().rss)
 
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+    def log_text(self) -> str:
         try:
-            text = self.log_file.read_text(errors="replace")
+            return self.log_file.read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def wait_healthy(self, timeout: float = 120) -> None:
         """Poll /health until the model is loaded; raise with the log tail if the server dies."""
@@ -93,6 +96,30 @@ class RunningServer:
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         with httpx.Client(timeout=kwargs.pop("timeout", 300)) as client:
             return client.request(method, f"{self.url}{path}", **kwargs)
+
+    def get_json(self, path: str) -> Any:
+        response = self.request("GET", path)
+        response.raise_for_status()
+        return response.json()
+
+    def metrics(self) -> dict[str, float]:
+        """The ``llamacpp:*`` series of /metrics (the server needs ``--metrics``), by name without the prefix."""
+        response = self.request("GET", "/metrics")
+        response.raise_for_status()
+        found = (re.match(r"^llamacpp:(\w+) (\S+)$", line) for line in response.text.splitlines())
+        return {m.group(1): float(m.group(2)) for m in found if m}
+
+    def slots(self) -> list[dict[str, Any]]:
+        return list(self.get_json("/slots"))
+
+    def tokenize(self, text: str) -> list[int]:
+        response = self.request("POST", "/tokenize", json={"content": text})
+        response.raise_for_status()
+        return list(response.json()["tokens"])
+
+    def erase_slot(self, slot: int) -> None:
+        """Drop what the slot holds (the server needs ``--slot-save-path``)."""
+        self.request("POST", f"/slots/{slot}", params={"action": "erase"}).raise_for_status()
 
     def stop(self, timeout: float = 15) -> int:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
@@ -146,10 +173,12 @@ def start_server(config: ServerConfig, *, wait: bool = True, timeout: float = 12
     return server
 
 
-def complete(server: RunningServer, prompt: str, n_predict: int = 16, **params: Any) -> dict[str, Any]:
+def complete(
+    server: RunningServer, prompt: str, n_predict: int = 16, *, timeout: float = 300, **params: Any
+) -> dict[str, Any]:
     """One greedy /completion request; returns the JSON body."""
     body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "seed": 42, "cache_prompt": False, **params}
-    response = server.request("POST", "/completion", json=body)
+    response = server.request("POST", "/completion", json=body, timeout=timeout)
     if response.status_code != 200:
         raise VelollmError(f"llama-server answered {response.status_code} to /completion: {response.text[:200]}")
     result: dict[str, Any] = response.json()

@@ -641,7 +641,9 @@ class _Planner:
                 self.note("speculation", "off", f"{req.workload} workload and no compatible smaller draft model found")
             return None
         adaptive: str | None = None
-        if draft is not None and self.build.has_patch(SPEC_ADAPTIVE_PATCH):
+        if self.build.has_patch(SPEC_ADAPTIVE_PATCH):
+            # Fixed n-gram draft lengths (ngram-mod: up to 64 tokens) cost more than they return when the
+            # output stops repeating the input, and under concurrency on a CPU; adaptive lengths do not.
             switches = [s for s in flags.find("adaptive") if not s.takes_value and s.names[0].startswith("--spec")]
             if switches:
                 adaptive = switches[0].names[-1]
@@ -711,8 +713,8 @@ def _arg_table(s: Settings) -> list[tuple[str, tuple[str, ...], str | None]]:
             ]
             if s.gpu_layers is not None:
                 rows.append(("spec_draft_ngl", ("--spec-draft-ngl", "-ngld", "--gpu-layers-draft"), "all"))
-            if spec.adaptive_flag:
-                rows.append(("spec_adaptive", (spec.adaptive_flag,), None))
+        if spec.adaptive_flag:
+            rows.append(("spec_adaptive", (spec.adaptive_flag,), None))
     # /metrics carries the speculation and (with the on-demand patch) KV gauges serve and bench read.
     rows.append(("metrics", ("--metrics",), None))
     return rows

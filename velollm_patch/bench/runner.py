@@ -29,7 +29,7 @@ from velollm_patch.bench.metrics import (
     ratio_table,
 )
 from velollm_patch.bench.scenarios import SCENARIO_NAMES, Prompt, Scenario, load_scenarios
-from velollm_patch.bench.targets import Target, TargetInfo, TargetSpec, open_target
+from velollm_patch.bench.targets import Target, TargetInfo, TargetSpec, open_target, slug
 from velollm_patch.errors import VelollmError
 from velollm_patch.paths import Paths
 
@@ -146,13 +146,8 @@ class RunResult:
 
 
 def new_id(*labels: str) -> str:
-    name = "-vs-".join(_slug(label) for label in labels)
+    name = "-vs-".join(slug(label) for label in labels)
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
-
-
-def _slug(text: str) -> str:
-    kept = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text)
-    return "-".join(part for part in kept.split("-") if part)[:40] or "target"
 
 
 def _now() -> str:

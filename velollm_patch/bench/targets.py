@@ -337,7 +337,7 @@ class ManagedServerTarget(_ChatTarget):
         super().__init__(spec, info, request_timeout)
         self._config = serve.ServerConfig(
             binary=binary, model=model, args=tuple(args),
-            log_file=log_dir / f"{_safe(spec.label)}-{time.strftime('%Y%m%d-%H%M%S')}.log",
+            log_file=log_dir / f"{slug(spec.label)}-{time.strftime('%Y%m%d-%H%M%S')}.log",
         )
         self.server: serve.RunningServer | None = None
 
@@ -498,8 +498,10 @@ def listening_pids(url: str) -> list[int]:
     })
 
 
-def _safe(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text).strip("-") or "target"
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name fragment for a label; labels can carry whole flag lists, hence the length cap."""
+    kept = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text)
+    return "-".join(part for part in kept.split("-") if part)[:limit] or "target"
 
 
 def open_target(spec: TargetSpec, paths: Paths, *, request_timeout: float = 600.0) -> Target:

@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""Benchmark: speculative decoding that tunes itself (patches 0010-0012, issue #4).
+
+Runs real llama-server processes on 127.0.0.1, greedy, the same prompts for every variant, alternating the
+variants ABAB (the order is reversed on every other repetition):
+
+1. draft-model workload (chat / code generation): SmolLM2-135M F16 target + the Q4_1 original as the draft
+   (same weights).  One server with ``--spec-type draft-simple --spec-draft-n-max 16 --spec-draft-p-min 0``;
+   the variants are per-request settings so they run interleaved on the same process:
+   no speculation (``speculative.enabled=false``), fixed n_max 1..16 (``adaptive=false, n_max=N``; n_max 3 is
+   the upstream default) and adaptive (``adaptive=true``, cap 16).
+2. code-edit workload ("fast apply": the prompt holds a ~150-line file, the answer rewrites it with small
+   changes) with n-gram speculation.  One server per configuration: no speculation, ``--spec-default``
+   (ngram-mod 24/48/64), ngram-simple, ngram-map-k, ngram-map-k4v (upstream defaults), and ngram-mod with
+   ``--spec-adaptive``; plus a fixed n_max sweep on the ngram-mod server through per-request n_max.
+3. draft context: RSS of a -c 32768 server with the draft, with and without ``--spec-draft-ctx 2048``.
+
+Every run checks that the generated text is byte-identical to the no-speculation run (lossless).
+Decode speed is timings.predicted_n / timings.predicted_ms summed over the prompts.
+
+    python bench/spec_decode.py --server PATH --draft SmolLM2-135M-Instruct.Q4_1.gguf --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from velollm_patch import serve
+
+MiB = 1024 * 1024
+
+GEN_PROMPTS = [
+    "<|im_start|>user\nWrite a Python class for a bank account with deposit, withdraw and a transaction history. "
+    "Include docstrings.<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nExplain how a hash table works and when to use one instead of a list.<|im_end|>\n"
+    "<|im_start|>assistant\n",
+    "<|im_start|>user\nWrite a C function that reverses a singly linked list, and a main() that tests it."
+    "<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def code_file(n_funcs: int = 25) -> str:
+    """A ~150-line Python module (6 lines per function)."""
+    out = ['"""Inventory helpers."""', "", "import math", ""]
+    for i in range(n_funcs):
+        out += [
+            f"def compute_item_{i}(inventory, factor):",
+            f'    """Return the adjusted stock of item {i}."""',
+            f"    count = inventory.get('item_{i}', 0)",
+            f"    weight = math.sqrt(count + {i})",
+            f"    return round(count * factor + weight, {i % 4})",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def code_edit_prompt() -> str:
+    return (
+        "<|im_start|>user\nHere is a Python file:\n\n```python\n"
+        + code_file()
+        + "\n```\n\nRewrite the whole file, renaming the parameter `factor` to `scale` in every function. "
+        "Output the complete file.<|im_end|>\n<|im_start|>assistant\n```python\n"
+    )
+
+
+def start(binary: Path, model: Path, args: list[str], log_dir: Path, name: str) -> serve.RunningServer:
+    config = serve.ServerConfig(binary=binary, model=model, args=tuple(args), log_file=log_dir / f"{name}.log")
+    return serve.start_server(config, timeout=300)
+
+
+def command(server: serve.RunningServer) -> str:
+    return shlex.join([str(server.config.binary), "-m", str(server.config.model), *server.config.args])
+
+
+def complete(server: serve.RunningServer, prompt: str, n_predict: int, **extra: Any) -> dict[str, Any]:
+    return serve.complete(server, prompt, n_predict, timeout=900, **extra)
+
+
+def slot0(server: serve.RunningServer) -> dict[str, Any]:
+    return server.slots()[0]
+
+
+def run_prompts(srv: serve.RunningServer, prompts: list[str], n_predict: int, **extra: Any) -> dict[str, Any]:
+    n = 0
+    ms = 0.0
+    drafted = 0
+    accepted = 0
+    texts = []
+    for p in prompts:
+        res = complete(srv, p, n_predict, **extra)
+        t = res["timings"]
+        n += int(t["predicted_n"])
+        ms += float(t["predicted_ms"])
+        drafted += int(t.get("draft_n", 0))
+        accepted += int(t.get("draft_n_accepted", 0))
+        texts.append(res["content"])
+    return {"tokens": n, "ms": ms, "tps": 1000.0 * n / ms if ms else 0.0, "draft_n": drafted,
+            "draft_n_accepted": accepted, "texts": texts}  # fmt: skip
+
+
+def abab(order: list[str], rep: int) -> list[str]:
+    return order if rep % 2 == 0 else list(reversed(order))
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], reference: str) -> dict[str, Any]:
+    ref_texts = runs[reference][0]["texts"]
+    out: dict[str, Any] = {}
+    for name, rs in runs.items():
+        tps = [r["tps"] for r in rs]
+        drafted = sum(r["draft_n"] for r in rs)
+        acc = sum(r["draft_n_accepted"] for r in rs)
+        out[name] = {
+            "tps_mean": statistics.fmean(tps),
+            "tps_runs": tps,
+            "acceptance": acc / drafted if drafted else None,
+            "draft_n": drafted,
+            "lossless": all(r["texts"] == ref_texts for r in rs),
+            "tokens": rs[0]["tokens"],
+        }
+    return out
+
+
+def bench_draft(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    sweep = [int(x) for x in args.sweep.split(",")]
+    srv_args = ["-t", str(args.threads), "-c", "4096", "-np", "1", "--cache-ram", "0", "--no-warmup",
+                "-md", str(args.draft), "--spec-type", "draft-simple", "--spec-draft-p-min", "0",
+                "--spec-draft-n-max", str(max(sweep))]  # fmt: skip
+    # "plain" runs on a second server without a draft model: with speculative.enabled=false the draft model
+    # still ingests every token (it keeps its KV cache in step with the target), so it is not plain decoding
+    variants: dict[str, dict[str, Any]] = {"plain": {}}
+    for n in sweep:
+        variants[f"fixed-{n}"] = {"speculative": {"adaptive": False, "n_max": n}}
+    variants["adaptive"] = {"speculative": {"adaptive": True}}
+    srv = start(args.server, args.target, srv_args, log_dir, "draft")
+    plain = start(args.server, args.target, srv_args[: srv_args.index("-md")], log_dir, "plain")
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
+    try:
+        complete(srv, GEN_PROMPTS[0], 16)  # warm-up
+        complete(plain, GEN_PROMPTS[0], 16)
+        for rep in range(args.reps):
+            for name in abab(list(variants), rep):
+                r = run_prompts(plain if name == "plain" else srv, GEN_PROMPTS, args.n_predict, **variants[name])
+                if name == "adaptive":
+                    r["slot"] = slot0(srv).get("speculative_stats")
+                runs[name].append(r)
+                print(f"[draft] rep {rep} {name:10s} {r['tps']:7.2f} t/s  drafted {r['draft_n']:5d} "
+                      f"accepted {r['draft_n_accepted']:5d}", flush=True)  # fmt: skip
+    finally:
+        srv.stop()
+        plain.stop()
+    res = summarize(runs, "plain")
+    res["adaptive"]["slot_stats_last"] = runs["adaptive"][-1].get("slot")
+    return {"server_cmd": command(srv), "plain_cmd": command(plain), "variants": variants,
+            "results": res}  # fmt: skip
+
+
+NGRAM_CONFIGS: dict[str, list[str]] = {
+    "plain": [],
+    "spec-default": ["--spec-default"],
+    "ngram-simple": ["--spec-type", "ngram-simple"],
+    "ngram-map-k": ["--spec-type", "ngram-map-k"],
+    "ngram-map-k4v": ["--spec-type", "ngram-map-k4v"],
+    "ngram-mod-adaptive": ["--spec-type", "ngram-mod", "--spec-adaptive"],
+}
+
+
+def bench_code_edit(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    base = ["-t", str(args.threads), "-c", "8192", "-np", "1", "--cache-ram", "0", "--no-warmup"]
+    prompts = [code_edit_prompt()]
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in NGRAM_CONFIGS}
+    sweep_runs: dict[str, list[dict[str, Any]]] = {}
+    cmds = {}
+    for rep in range(args.reps):
+        for name in abab(list(NGRAM_CONFIGS), rep):
+            srv = start(args.server, args.target, base + NGRAM_CONFIGS[name], log_dir, f"edit-{name}-{rep}")
+            cmds[name] = command(srv)
+            try:
+                complete(srv, prompts[0][:200], 4)  # warm-up
+                r = run_prompts(srv, prompts, args.n_predict_edit)
+                runs[name].append(r)
+                print(f"[edit]  rep {rep} {name:18s} {r['tps']:7.2f} t/s  drafted {r['draft_n']:5d} "
+                      f"accepted {r['draft_n_accepted']:5d}", flush=True)  # fmt: skip
+                if name == "ngram-mod-adaptive":
+                    r["slot"] = slot0(srv).get("speculative_stats")
+                    # fixed n_max sweep on the same server (per request), interleaved with adaptive runs
+                    for n in [int(x) for x in args.edit_sweep.split(",")]:
+                        key = f"ngram-mod-fixed-{n}"
+                        rr = run_prompts(srv, prompts, args.n_predict_edit, speculative={"adaptive": False, "n_max": n})
+                        sweep_runs.setdefault(key, []).append(rr)
+                        print(f"[edit]  rep {rep} {key:18s} {rr['tps']:7.2f} t/s  drafted {rr['draft_n']:5d} "
+                              f"accepted {rr['draft_n_accepted']:5d}", flush=True)  # fmt: skip
+                    ra = run_prompts(srv, prompts, args.n_predict_edit)
+                    runs[name].append(ra)
+                    print(f"[edit]  rep {rep} {name:18s} {ra['tps']:7.2f} t/s (after sweep)", flush=True)
+            finally:
+                srv.stop()
+    res = summarize({**runs, **sweep_runs}, "plain")
+    res["ngram-mod-adaptive"]["slot_stats_last"] = runs["ngram-mod-adaptive"][0].get("slot")
+    return {"server_cmds": cmds, "results": res, "prompt_chars": len(prompts[0]),
+            "file_lines": code_file().count("\n") + 1}  # fmt: skip
+
+
+def bench_draft_ctx(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    base = ["-t", str(args.threads), "-c", "32768", "-np", "1", "--cache-ram", "0", "--no-warmup",
+            "-md", str(args.draft), "--spec-type", "draft-simple", "--spec-draft-p-min", "0"]  # fmt: skip
+    configs = {"draft-ctx-default": [], "draft-ctx-2048": ["--spec-draft-ctx", "2048"]}
+    out: dict[str, Any] = {}
+    for rep in range(args.reps):
+        for name in abab(list(configs), rep):
+            srv = start(args.server, args.target, base + configs[name], log_dir, f"ctx-{name}-{rep}")
+            try:
+                idle = srv.rss_bytes()
+                r = run_prompts(srv, GEN_PROMPTS[:1], 64)
+                after = srv.rss_bytes()
+            finally:
+                srv.stop()
+            out.setdefault(name, {"cmd": command(srv), "idle_rss_mib": [], "rss_after_mib": [], "tps": []})
+            out[name]["idle_rss_mib"].append(idle / MiB)
+            out[name]["rss_after_mib"].append(after / MiB)
+            out[name]["tps"].append(r["tps"])
+            out[name]["text"] = r["texts"][0]
+            print(f"[ctx]   rep {rep} {name:18s} idle {idle / MiB:8.1f} MiB after {after / MiB:8.1f} MiB", flush=True)
+    out["lossless"] = out["draft-ctx-default"]["text"] == out["draft-ctx-2048"]["text"]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--server", type=Path, required=True, help="patched llama-server (full series)")
+    ap.add_argument("--draft", type=Path, required=True, help="SmolLM2-135M-Instruct Q4_1 GGUF (the draft)")
+    ap.add_argument("--target", type=Path, help="F16 target; made from --draft with llama-quantize if missing")
+    ap.add_argument("--quantize", type=Path, help="llama-quantize (default: next to --server)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--reps", type=int, default=2, help="ABAB repetitions (default 2)")
+    ap.add_argument("--n-predict", type=int, default=192, help="tokens per prompt, draft-model workload")
+    ap.add_argument("--n-predict-edit", type=int, default=1024, help="tokens per prompt, code-edit workload")
+    ap.add_argument("--sweep", default="1,2,3,4,5,6,8,10,12,16", help="fixed n_max values, draft-model workload")
+    ap.add_argument("--edit-sweep", default="4,8,16,32,64", help="fixed n_max values, code-edit workload")
+    ap.add_argument("--threads", type=int, default=max(1, psutil.cpu_count(logical=False) or 1))
+    ap.add_argument("--skip", default="", help="comma separated: draft,edit,ctx")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="spec-bench-"))
+    if args.target is None:
+        args.target = tmp / "smollm2-f16.gguf"
+    if not args.target.is_file():
+        quantize = args.quantize or args.server.parent / "llama-quantize"
+        subprocess.run([str(quantize), "--allow-requantize", str(args.draft), str(args.target), "F16"],
+                       check=True, capture_output=True)  # fmt: skip
+
+    skip = set(filter(None, args.skip.split(",")))
+    result: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": platform.processor(),
+            "cores": psutil.cpu_count(),
+            "threads": args.threads,
+        },
+        "argv": sys.argv,
+        "logs": str(tmp),
+    }
+    t0 = time.monotonic()
+    if "draft" not in skip:
+        result["draft"] = bench_draft(args, tmp)
+    if "edit" not in skip:
+        result["code_edit"] = bench_code_edit(args, tmp)
+    if "ctx" not in skip:
+        result["draft_ctx"] = bench_draft_ctx(args, tmp)
+    result["wall_s"] = time.monotonic() - t0
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out} ({result['wall_s']:.0f} s); logs in {tmp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
