@@ -6,12 +6,14 @@ Runs real llama-server processes on 127.0.0.1 and measures, alternating the two 
 - idle RSS at -c 2048 and -c 32768;
 - RSS with 1K/4K/16K/32K tokens held (4 slots, see bench_fill), and after clearing them (/slots/N?action=erase);
 - 4 slots with -c 131072 (32768 per slot, --no-kv-unified) and 4 concurrent 2K-token conversations;
-- prompt and decode tokens/s with the switch off and on.
+- prompt and decode tokens/s with the switch off and on;
+- a soak of the on-demand server: many requests of random lengths over 4 slots (see bench_soak).
 
 Variants: "vanilla" is --vanilla-server (an unpatched build) when given, else the patched server without the
-switch; "on-demand" is the patched server with --kv-on-demand. The slot context is capped at the trained
-length by llama-server, so the model's <arch>.context_length is overridden to 131072 (--override-kv): rope
-scaling is irrelevant for memory, the generated text beyond the trained length is not.
+switch; "off" is the patched server without the switch; "on-demand" is the patched server with --kv-on-demand.
+The slot context is capped at the trained length by llama-server, so the model's <arch>.context_length is
+overridden to 131072 (--override-kv): rope scaling is irrelevant for memory, the generated text beyond the
+trained length is not.
 
     python bench/kv_memory.py --server PATH --model PATH [--vanilla-server PATH] --out results.json
 """
@@ -23,6 +25,7 @@ import concurrent.futures
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -161,6 +164,65 @@ def bench_speed(binary: Path, model: Path, extra: list[str], wd: Path, threads: 
                 "decode_n": t["predicted_n"], "decode_tps": t["predicted_per_second"]}  # fmt: skip
 
 
+def bench_soak(
+    binary: Path, model: Path, extra: list[str], wd: Path, threads: int, n_requests: int, seed: int
+) -> dict[str, Any]:
+    """Many requests with random prompt and generation lengths on 4 slots, 4 clients at once.
+
+    Each client keeps to its slot and sends prefixes of one text of random length (1 to 16 chunks of about
+    30 tokens), so the prompt cache makes every request grow or cut the slot's sequence: cells are written,
+    removed (seq_rm) and written again, which is what the page accounting must survive. Probe prompts are
+    answered on a clean slot before and after the soak: a corrupted cache changes them.
+    """
+    args = ["-c", "16384", "-np", "4", "--no-kv-unified", *BASE_ARGS, *extra]
+    probes = [FILL_TEXT * k + "Summarize the text above." for k in (1, 4, 12)]
+    rng = random.Random(seed)
+    jobs = [(i % 4, rng.randint(1, 16), rng.randint(1, 32)) for i in range(n_requests)]
+    out: dict[str, Any] = {"requests": n_requests, "seed": seed}
+    with start(binary, model, args, wd, threads) as s:
+        out["idle"] = {"rss": rss(s, 2.0), **kv(s.metrics())}
+
+        def probe() -> list[str]:
+            texts = [str(complete(s, p, 24, id_slot=0, cache_prompt=False)["content"]) for p in probes]
+            s.erase_slot(0)
+            return texts
+
+        out["probes_before"] = probe()
+        errors: list[str] = []
+
+        def client(slot: int) -> int:
+            done = 0
+            for job_slot, chunks, n_predict in jobs:
+                if job_slot != slot:
+                    continue
+                try:
+                    r = complete(s, f"Client {slot}. " + FILL_TEXT * chunks, n_predict, id_slot=slot)
+                    if r["tokens_predicted"] != n_predict or not r["content"]:
+                        errors.append(f"slot {slot}: {r['tokens_predicted']} of {n_predict} tokens")
+                except Exception as exc:  # every failure is counted; the soak goes on
+                    errors.append(f"slot {slot}: {exc}")
+                done += 1
+            return done
+
+        peak = 0
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            futs = [ex.submit(client, slot) for slot in range(4)]
+            while not all(f.done() for f in futs):
+                peak = max(peak, s.rss_bytes())
+                time.sleep(0.2)
+            out["completed"] = sum(f.result() for f in futs)
+        out["wall_s"] = time.monotonic() - t0
+        out["errors"] = errors
+        out["busy"] = {"rss": s.rss_bytes(), "rss_peak": peak, **kv(s.metrics())}
+        for slot in range(4):
+            s.erase_slot(slot)
+        out["probes_after"] = probe()
+        out["cleared"] = {"rss": rss(s, 2.0), **kv(s.metrics())}
+    out["probes_identical"] = out["probes_before"] == out["probes_after"]
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -174,30 +236,34 @@ def main() -> int:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--vanilla-server", type=Path, help="unpatched llama-server (default: --server without the switch)")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--reps", type=int, default=2, help="ABAB repetitions of the idle and speed runs (default 2)")
-    ap.add_argument("--heavy-reps", type=int, default=1, help="repetitions of the fill and 4-slot runs (default 1)")
+    ap.add_argument("--reps", type=int, default=2, help="rounds of the idle and speed runs (default 2)")
+    ap.add_argument("--heavy-reps", type=int, default=1, help="rounds of the fill and 4-slot runs (default 1)")
     ap.add_argument("--fill", default="1024,4096,16384,32768", help="fill sizes in tokens")
-    ap.add_argument(
-        "--max-single", type=int, default=16384, help="longest single sequence of the fill (see bench_fill)"
-    )
-    ap.add_argument("--variants", default="vanilla,on-demand", help="variants to run (default: both)")
+    ap.add_argument("--variants", default="vanilla,on-demand",
+                    help="comma list of vanilla, off (patched, switch off), on-demand (default: vanilla,on-demand)")
     ap.add_argument("--conv-tokens", type=int, default=2048, help="prompt tokens per conversation (4 slots)")
     ap.add_argument("--speed-prompt", type=int, default=2048, help="prompt tokens for the speed test")
     ap.add_argument("--threads", type=int, default=max(1, psutil.cpu_count(logical=False) or 1))
-    ap.add_argument("--skip", default="", help="comma separated: idle,fill,slots,speed")
+    ap.add_argument("--soak-requests", type=int, default=500, help="requests of the on-demand soak (default 500)")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the soak's random lengths")
+    ap.add_argument("--skip", default="", help="comma separated: idle,fill,slots,speed,soak")
     args = ap.parse_args()
 
     vanilla_bin = args.vanilla_server or args.server
     override = ["--override-kv", f"{model_arch(args.model)}.context_length=int:131072"]
     variants = {
         "vanilla": (vanilla_bin, override),
+        "off": (args.server, override),  # the patched build without the switch
         "on-demand": (args.server, [*override, "--kv-on-demand"]),
     }
     skip = set(filter(None, args.skip.split(",")))
     sizes = [int(x) for x in args.fill.split(",") if x]
-    selected = [v for v in ("vanilla", "on-demand") if v in args.variants.split(",")]
+    selected = [v for v in variants if v in args.variants.split(",")]
     variants = {v: variants[v] for v in selected}
-    order = selected * max(args.reps, args.heavy_reps)  # ABAB
+    # rounds of every variant, the order reversed every other round (AB BA ..., ABC CBA ...) so drift cancels
+    order = [
+        (rep, v) for rep in range(max(args.reps, args.heavy_reps)) for v in (selected[:: -1 if rep % 2 else 1])
+    ]
 
     results: dict[str, Any] = {
         "model": str(args.model),
@@ -214,11 +280,11 @@ def main() -> int:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kvbench-") as tmp:
         wd = Path(tmp)
-        for i, v in enumerate(order):
+        for rep, v in order:
             binary, extra = variants[v]
             runs = results["runs"][v]
-            heavy = i < 2 * args.heavy_reps
-            light = i < 2 * args.reps
+            heavy = rep < args.heavy_reps
+            light = rep < args.reps
             if "idle" not in skip and light:
                 for ctx in (2048, 32768):
                     runs["idle"].setdefault(str(ctx), []).append(
@@ -231,6 +297,12 @@ def main() -> int:
             if "speed" not in skip and light:
                 runs["speed"].append(bench_speed(binary, args.model, extra, wd, args.threads, args.speed_prompt))
             print(f"[{time.monotonic() - t0:6.0f}s] {v} done", file=sys.stderr, flush=True)
+        if "soak" not in skip and "on-demand" in variants and args.soak_requests > 0:
+            binary, extra = variants["on-demand"]
+            soak = bench_soak(binary, args.model, extra, wd, args.threads, args.soak_requests, args.seed)
+            results["soak"] = soak
+            print(f"[{time.monotonic() - t0:6.0f}s] soak: {soak['completed']} requests, {len(soak['errors'])} errors, "
+                  f"probes identical: {soak['probes_identical']}", file=sys.stderr, flush=True)
 
     # summary: medians over the repetitions
     summary: dict[str, Any] = {}
@@ -274,10 +346,14 @@ def main() -> int:
 
     args.out.write_text(json.dumps(results, indent=2))
 
-    print(f"{'metric':34} {'vanilla':>12} {'on-demand':>12} {'ratio':>8}")
+    off = summary.get("off", {})
+    results["ratios_off_over_vanilla"] = {k: off[k] / a[k] for k in a if k in off and a[k] and a[k] == a[k]}
+
+    print(f"{'metric':34} {'vanilla':>12} {'off':>12} {'on-demand':>12} {'on/vanilla':>10} {'off/vanilla':>11}")
     nan = float("nan")
-    for k in dict.fromkeys([*a, *b]):
-        print(f"{k:34} {a.get(k, nan):12.1f} {b.get(k, nan):12.1f} {ratios.get(k, nan):8.3f}")
+    for k in dict.fromkeys([*a, *off, *b]):
+        print(f"{k:34} {a.get(k, nan):12.1f} {off.get(k, nan):12.1f} {b.get(k, nan):12.1f} "
+              f"{ratios.get(k, nan):10.3f} {results['ratios_off_over_vanilla'].get(k, nan):11.3f}")
     for k, r in ratios.items():
         if k not in a:
             print(f"{k:60} {r:8.3f}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from click.testing import CliRunner
 
 from velollm_patch.bench.metrics import RequestSample, ScenarioResult
 from velollm_patch.bench.report import write_report
@@ -20,6 +21,7 @@ from velollm_patch.bench.runner import BenchConfig, Progress, RunResult, load_re
 from velollm_patch.bench.scenarios import SCENARIO_NAMES, Scenario
 from velollm_patch.bench.targets import ManagedServerTarget, open_target, parse_target
 from velollm_patch.builds import InstalledBuild
+from velollm_patch.cli import main
 from velollm_patch.errors import VelollmError
 from velollm_patch.paths import Paths
 
@@ -255,3 +257,20 @@ def test_scenario_failures_do_not_hide_earlier_points(paths: Paths, patched_serv
     assert statuses["conversation"].status == "failed"
     assert "HTTP 400" in (statuses["conversation"].error or "")
     assert result.events == []  # the server did not crash, so nothing was restarted
+
+
+def test_cli_run_with_the_tuners_plan(paths: Paths, patched_build: InstalledBuild, tmp_path: Path) -> None:
+    """`bench run current --tuned edit` starts the build with what `velollm-patch tune --workload edit` plans."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [
+        "bench", "run", patched_build.build_id, "--tuned", "edit", "--server-args", "-c 4096", "--scenarios", "short",
+        "--repeats", "1", "--n-predict", "4", "--out", str(out), "--no-charts",
+    ])
+    assert result.exit_code == 0, result.output
+    saved = load_result(out / "result.json")
+    assert isinstance(saved, RunResult) and saved.status == "complete"
+    assert saved.target.label == f"{patched_build.build_id} tuned:edit -c 4096"
+    command = saved.target.command or ""
+    # the plan's choices for an edit workload on this build, then the extra flags
+    assert "--spec-type ngram-mod" in command and "--spec-adaptive" in command and "--flash-attn on" in command
+    assert command.endswith("-c 4096")

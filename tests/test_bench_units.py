@@ -335,3 +335,5 @@ def test_cli_rejects_bad_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert same.exit_code == 1 and "A and B are the same target" in same.output
     missing = runner.invoke(main, ["bench", "run", "no-such-build"])
     assert missing.exit_code == 1 and "no build 'no-such-build'" in missing.output
+    tuned_url = runner.invoke(main, ["bench", "run", "http://127.0.0.1:9", "--tuned", "code"])
+    assert tuned_url.exit_code == 1 and "--tuned needs an installed build" in tuned_url.output

@@ -19,13 +19,16 @@ and ``gemma3_gguf`` from tests/conftest.py.
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from velollm_patch import serve
+from velollm_patch import proc, serve
+from velollm_patch.bench.scenarios import PROMPTS_DIR
+from velollm_patch.builds import InstalledBuild
 from velollm_patch.serve import RunningServer
 
 StartServer = Callable[..., RunningServer]
@@ -236,3 +239,22 @@ def test_flash_attention_off_warns_and_preallocates(start_patched_server: StartS
     # vanilla path: the whole KV buffer is resident from the start
     assert s.rss_bytes() >= m["kv_reserved_bytes"]
     assert serve.complete(s, PROMPT, n_predict=8)["content"]
+
+
+def test_perplexity_identical_on_off(patched_build: InstalledBuild, smollm2_gguf: Path, tmp_path: Path) -> None:
+    """llama-perplexity takes the switch too (it is a common option): the numbers must not change."""
+    text = tmp_path / "text.txt"
+    text.write_text((PROMPTS_DIR / "code_edit_source.txt").read_text() + FILL_TEXT * 20)
+    perplexity = patched_build.bin("llama-perplexity")
+    common = [str(perplexity), "-m", str(smollm2_gguf), "-f", str(text), "-c", "256", "-b", "256", "-fa", "on",
+              "-t", "2"]  # fmt: skip
+
+    def final_estimate(*extra: str) -> str:
+        output = proc.run([*common, *extra]).output
+        found = re.search(r"Final estimate: PPL = (\S+ \+/- \S+)", output)
+        assert found, output[-2000:]
+        return found.group(1)
+
+    off = final_estimate()
+    on = final_estimate("--kv-on-demand")
+    assert on == off

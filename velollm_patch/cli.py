@@ -64,6 +64,8 @@ def main(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr,
     )
+    # httpx logs every request at INFO: a line per request would bury the progress display.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 

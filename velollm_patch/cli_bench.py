@@ -18,7 +18,7 @@ from rich import progress as rich_progress
 from rich.console import Console
 from rich.table import Table
 
-from velollm_patch import hardware
+from velollm_patch import hardware, tune
 from velollm_patch.bench import history
 from velollm_patch.bench.metrics import RequestSample, ScenarioResult
 from velollm_patch.bench.report import REPORT_NAME, compare_markdown, format_ratio, format_value, verdict, write_report
@@ -109,17 +109,25 @@ def _config(options: dict[str, Any]) -> BenchConfig:
     )
 
 
-def _spec(text: str, model: str | None, args: str | None) -> TargetSpec:
+def _spec(text: str, model: str | None, args: str | None, tuned: str | None = None) -> TargetSpec:
+    """The target as given; with ``tuned`` (a workload), a build started with the tuner's plan for this
+    machine, the model and that build (the plan's flags first, then ``args``)."""
     server_args = tuple(shlex.split(args)) if args else ()
     parsed = parse_target(text)
-    if parsed.kind == "build":
-        find_build(get_paths(), parsed.ref)  # a missing build fails before a model is downloaded for it
+    build = find_build(get_paths(), parsed.ref) if parsed.kind == "build" else None  # fails before a download
+    if tuned and build is None:
+        raise VelollmError(f"--tuned needs an installed build as the target (vanilla, current, a build id), not {text}")
     if parsed.starts_server:
         # Imported here: cli imports this module to register the group, so a top-level import would be circular.
         from velollm_patch.cli import resolve_model_arg
 
         model = str(resolve_model_arg(model))
-    label = f"{text} {shlex.join(server_args)}" if server_args else text
+    label = " ".join(part for part in (text, tuned and f"tuned:{tuned}", shlex.join(server_args)) if part)
+    if tuned and build is not None and model is not None:
+        paths = get_paths()
+        hw = hardware.detect(build_dir=paths.cache)
+        plan = tune.plan_for(model, hw, build, paths, tune.TuneRequest(workload=tuned))
+        server_args = (*plan.args, *server_args)
     return parse_target(text, model=model, server_args=server_args, label=label)
 
 
@@ -215,15 +223,17 @@ def bench() -> None:
 @bench.command("run")
 @click.argument("target")
 @click.option("--server-args", help="Extra llama-server flags for a started server, e.g. \"-c 8192 -fa on\".")
+@click.option("--tuned", type=click.Choice(tune.WORKLOADS),
+              help="Start the build with the tuner's plan for this workload (as `velollm-patch tune` prints it).")
 @_run_options
-def bench_run(target: str, server_args: str | None, **options: Any) -> None:
+def bench_run(target: str, server_args: str | None, tuned: str | None, **options: Any) -> None:
     """Run the scenarios against TARGET.
 
     TARGET: vanilla, patched, current, a build id, a llama-server path, http://HOST:PORT (a
     running llama-server or OpenAI-compatible server) or ollama:http://HOST:PORT.
     """
     config = _config(options)
-    spec = _spec(target, options["model"], server_args)
+    spec = _spec(target, options["model"], server_args, tuned)
     opened = open_target(spec, get_paths(), request_timeout=config.request_timeout)
     hw = _hardware()
     with _display() as display:
@@ -239,10 +249,12 @@ def bench_run(target: str, server_args: str | None, **options: Any) -> None:
 @click.option("--server-args", help="llama-server flags for both started servers.")
 @click.option("--a-args", help="Extra flags for A only (after --server-args).")
 @click.option("--b-args", help="Extra flags for B only (after --server-args).")
+@click.option("--a-tuned", type=click.Choice(tune.WORKLOADS), help="Start A with the tuner's plan for this workload.")
+@click.option("--b-tuned", type=click.Choice(tune.WORKLOADS), help="Start B with the tuner's plan for this workload.")
 @_run_options
 def bench_ab(
     target_a: str, target_b: str, rounds: int, server_args: str | None, a_args: str | None, b_args: str | None,
-    **options: Any,
+    a_tuned: str | None, b_tuned: str | None, **options: Any,
 ) -> None:
     """Alternate TARGET_A and TARGET_B for --rounds rounds and report each metric's ratio B/A.
 
@@ -252,8 +264,8 @@ def bench_ab(
     config = _config(options)
     joined_a = " ".join(a for a in (server_args, a_args) if a) or None
     joined_b = " ".join(a for a in (server_args, b_args) if a) or None
-    spec_a = _spec(target_a, options["model"], joined_a)
-    spec_b = _spec(target_b, options["model"], joined_b)
+    spec_a = _spec(target_a, options["model"], joined_a, a_tuned)
+    spec_b = _spec(target_b, options["model"], joined_b, b_tuned)
     if spec_a.label == spec_b.label:
         raise VelollmError("A and B are the same target with the same flags: use other builds or --a-args/--b-args")
     paths = get_paths()
