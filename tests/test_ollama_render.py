@@ -12,6 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from tests.fake_ollama import FakeModel, FakeOllama, llama31_8b
+from velollm_patch import hardware, tune
+from velollm_patch.builds import InstalledBuild
+from velollm_patch.cli import main
 from velollm_patch.cli_ollama import ollama
 from velollm_patch.errors import VelollmError
 from velollm_patch.ollama.api import ShowResponse
@@ -27,6 +30,7 @@ from velollm_patch.ollama.modelfile import (
     spec_from_base,
 )
 from velollm_patch.ollama.versions import OllamaVersion
+from velollm_patch.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -320,3 +324,27 @@ def test_shipped_modelfile_follows_its_derivation(
     run = CliRunner().invoke(ollama, args)
     assert run.exit_code == 0, run.output
     assert (tmp_path / name).read_text() == text, "modelfiles/README.md no longer reproduces the file"
+
+
+def test_cli_tuned_modelfile_needs_a_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VELOLLM_HOME", str(tmp_path))
+    result = CliRunner().invoke(main, ["ollama", "modelfile", "llama3.1:8b", "--tuned"])
+    assert result.exit_code == 1 and "run `velollm-patch build` first" in result.output
+
+
+@pytest.mark.slow
+def test_cli_tuned_modelfile_carries_the_plan(patched_build: InstalledBuild, smollm2_gguf: Path, paths: Paths) -> None:
+    """`--tuned` writes the tuner's choices as PARAMETERs; the file passes the linter; options override it."""
+    hw = hardware.detect(build_dir=paths.cache)
+    plan = tune.plan_for(str(smollm2_gguf), hw, patched_build, paths, tune.TuneRequest(workload="code"))
+    result = CliRunner().invoke(main, ["ollama", "modelfile", str(smollm2_gguf), "--tuned", "--workload", "code"])
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert f"PARAMETER num_ctx {plan.settings.ctx_per_slot}" in re.sub(r" +", " ", text)
+    assert f"PARAMETER num_thread {plan.settings.threads}" in re.sub(r" +", " ", text)
+    assert f"PARAMETER num_batch {plan.settings.ubatch}" in re.sub(r" +", " ", text)
+    assert "num_gpu" not in text  # a CPU plan leaves the layers to Ollama
+    assert "code workload" in text
+    assert lint_modelfile(text).errors == ()
+    overridden = CliRunner().invoke(main, ["ollama", "modelfile", str(smollm2_gguf), "--tuned", "--num-ctx", "1024"])
+    assert "PARAMETER num_ctx 1024" in re.sub(r" +", " ", overridden.stdout)

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import psutil
 
-from velollm_patch import hardware
+from velollm_patch import hardware, tune
 from velollm_patch.builds import current_build
 from velollm_patch.errors import VelollmError
 from velollm_patch.ollama.api import OllamaClient
@@ -36,6 +36,7 @@ from velollm_patch.ollama.modelfile import (
     lint_modelfile,
     render_modelfile,
     spec_from_base,
+    tuned_parameters,
 )
 from velollm_patch.ollama.server_swap import default_prefix, install_server, restore_server
 from velollm_patch.ollama.versions import OllamaVersion, parse_reported_version
@@ -66,15 +67,22 @@ def _version_option(value: str | None) -> str | None:
 @click.option("--from-server", "server", is_flag=False, flag_value="", default=None, metavar="[URL]",
               help="Carry TEMPLATE, SYSTEM, stop values and parameters over from MODEL on this server"
               " (without URL: OLLAMA_HOST).")
+@click.option("--tuned", is_flag=True, help="Start from the tuner's plan for MODEL on this machine (the options"
+              " above override it); MODEL is then an Ollama model name or a GGUF path.")
+@click.option("--profile", type=click.Choice(tune.PROFILES), default="balanced", show_default=True,
+              help="Tuner profile, with --tuned.")
+@click.option("--workload", type=click.Choice(tune.WORKLOADS), default="chat", show_default=True,
+              help="Tuner workload, with --tuned.")
 @click.option("--comment", "comments", multiple=True, help="A comment line for the top of the file.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write here instead of stdout.")
 def modelfile_cmd(
     model: str, num_ctx: int | None, num_batch: int | None, num_thread: int | None,
     num_gpu: int | None, draft: Path | None, draft_num_predict: int | None,
-    ollama_version: str | None, server: str | None, comments: tuple[str, ...], output: Path | None,
+    ollama_version: str | None, server: str | None, tuned: bool, profile: str, workload: str,
+    comments: tuple[str, ...], output: Path | None,
 ) -> None:
-    """Write a Modelfile deriving from MODEL with the given settings."""
+    """Write a Modelfile deriving from MODEL with the tuner's settings (--tuned) or the given ones."""
     version = _version_option(ollama_version)
     if server is not None:
         with OllamaClient(server or None) as client:
@@ -85,6 +93,17 @@ def modelfile_cmd(
         spec = spec_from_base(show, model, ollama_version=version)
     else:
         spec = ModelfileSpec(model, ollama_version=version)
+    tuned_draft = None
+    if tuned:
+        paths = get_paths()
+        build = current_build(paths)
+        if build is None:
+            raise VelollmError("--tuned reads the installed llama-server's flags: run `velollm-patch build` first")
+        plan = tune.plan_for(model, hardware.detect(build_dir=paths.cache), build, paths,
+                             tune.TuneRequest(profile=profile, workload=workload))
+        parameters, reasons, tuned_draft = tuned_parameters(plan)
+        spec = spec.with_parameters(parameters, reasons)
+        comments = (*comments, f"tuned by velollm-patch for this machine: {profile} profile, {workload} workload")
     chosen: dict[str, ParamValue] = {
         name: value for name, value in (
             ("num_ctx", num_ctx), ("num_batch", num_batch), ("num_thread", num_thread),
@@ -93,7 +112,7 @@ def modelfile_cmd(
     }
     spec = replace(
         spec.with_parameters(chosen),
-        draft=str(draft.resolve()) if draft else None,
+        draft=str(draft.resolve()) if draft else tuned_draft,
         comments=(*comments, *spec.comments),
     )
     text = render_modelfile(spec)

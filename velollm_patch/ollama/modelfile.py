@@ -43,6 +43,7 @@ from velollm_patch.ollama.versions import (
     Era,
     OllamaVersion,
 )
+from velollm_patch.tune import Plan
 
 # --- Ollama's error texts (parser/parser.go, api/types.go) -------------------------------------
 
@@ -1075,3 +1076,30 @@ def spec_from_base(show: ShowResponse, from_model: str, *,
         ollama_version=ollama_version,
         comments=tuple(comments),
     )
+
+
+def tuned_parameters(plan: Plan) -> tuple[dict[str, ParamValue], dict[str, str], str | None]:
+    """The PARAMETERs (with their reasons) and the DRAFT path that carry a tuner plan into a Modelfile.
+
+    Ollama passes ``num_batch`` as both ``-b`` and ``-ub`` (reference §3), so it gets the plan's ubatch:
+    the plan's larger logical batch would also grow the compute buffer. Slots, KV types and flash
+    attention are server-wide in Ollama (``ollama config``), not Modelfile parameters."""
+    s = plan.settings
+    why = {c.key: c.reason for c in plan.choices}
+    params: dict[str, ParamValue] = {"num_ctx": s.ctx_per_slot, "num_batch": s.ubatch, "num_thread": s.threads}
+    reasons = {
+        "num_ctx": why.get("ctx_per_slot", "the tuner's context per slot"),
+        "num_batch": "Ollama sets -b and -ub from num_batch: the tuner's ubatch",
+        "num_thread": why.get("threads", "the tuner's thread count"),
+    }
+    if s.gpu_layers is not None:
+        params["num_gpu"] = s.gpu_layers
+        reasons["num_gpu"] = why.get("gpu_layers", "the tuner's GPU layers")
+    spec = s.speculation
+    draft = None
+    if spec is not None and spec.draft is not None and spec.draft_n_max is not None:
+        draft = str(spec.draft.path)
+        params["draft_num_predict"] = spec.draft_n_max
+        reasons["draft"] = why.get("spec_draft", "a compatible smaller model of the same vocabulary")
+        reasons["draft_num_predict"] = "the draft length the tuner expects to pay off"
+    return params, reasons, draft
