@@ -116,7 +116,10 @@ def test_supervisor_gives_up_after_bounded_restarts(running: Running) -> None:
         assert server is not None
         os.kill(server.pid, signal.SIGKILL)
         if crash <= QUICK.max_restarts:
-            running.wait_for(f"restart {crash}", lambda n=crash: supervisor.restarts == n)
+            def restarted(n: int = crash) -> bool:
+                return supervisor.restarts == n
+
+            running.wait_for(f"restart {crash}", restarted)
     running.thread.join(timeout=WAIT_S)
     assert isinstance(running.error, VelollmError)
     assert f"crashed {QUICK.max_restarts + 1} times" in str(running.error)
