@@ -571,6 +571,8 @@ def test_inspect_command(gemma3_gguf: Path, tmp_path: Path) -> None:
     info = inspect_model(gemma3_gguf)
     assert data["kv"]["types"]["f16"]["bytes"] == info.kv_bytes(8192, 4)
     assert data["kv"]["types"]["q8_0"]["bytes_per_token"] == info.kv_bytes_per_token("q8_0", "q8_0")
+    by_name = runner.invoke(main, ["inspect", "gemma3-270m", "--ctx", "8192", "--slots", "4", "--json"])
+    assert json.loads(by_name.output) == data  # the name `up` and `bench` take means the same file here
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a model")
     result = runner.invoke(main, ["inspect", str(junk)])

