@@ -10,9 +10,10 @@ variants ABAB (the order is reversed on every other repetition):
    no speculation (``speculative.enabled=false``), fixed n_max 1..16 (``adaptive=false, n_max=N``; n_max 3 is
    the upstream default) and adaptive (``adaptive=true``, cap 16).
 2. code-edit workload ("fast apply": the prompt holds a ~150-line file, the answer rewrites it with small
-   changes) with n-gram speculation.  One server per configuration: no speculation, ``--spec-default``
-   (ngram-mod 24/48/64), ngram-simple, ngram-map-k, ngram-map-k4v (upstream defaults), and ngram-mod with
-   ``--spec-adaptive``; plus a fixed n_max sweep on the ngram-mod server through per-request n_max.
+   changes) with n-gram speculation.  A fresh server per configuration, warmed up with one run of the same
+   edit, then measured: no speculation, ``--spec-default`` (ngram-mod 24/48/64), ngram-simple, ngram-map-k,
+   ngram-map-k4v (upstream defaults), ngram-mod with ``--spec-adaptive``, and ngram-mod with fixed n_max
+   (per request).
 3. draft context: RSS of a -c 32768 server with the draft, with and without ``--spec-draft-ctx 2048``.
 
 Every run checks that the generated text is byte-identical to the no-speculation run (lossless).
@@ -166,49 +167,56 @@ def bench_draft(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             "results": res}  # fmt: skip
 
 
-NGRAM_CONFIGS: dict[str, list[str]] = {
-    "plain": [],
-    "spec-default": ["--spec-default"],
-    "ngram-simple": ["--spec-type", "ngram-simple"],
-    "ngram-map-k": ["--spec-type", "ngram-map-k"],
-    "ngram-map-k4v": ["--spec-type", "ngram-map-k4v"],
-    "ngram-mod-adaptive": ["--spec-type", "ngram-mod", "--spec-adaptive"],
+# name -> (server flags, per-request fields)
+UPSTREAM_NGRAM: dict[str, tuple[list[str], dict[str, Any]]] = {
+    "plain": ([], {}),
+    "spec-default": (["--spec-default"], {}),
+    "ngram-simple": (["--spec-type", "ngram-simple"], {}),
+    "ngram-map-k": (["--spec-type", "ngram-map-k"], {}),
+    "ngram-map-k4v": (["--spec-type", "ngram-map-k4v"], {}),
 }
+ADAPTIVE_NGRAM: tuple[list[str], dict[str, Any]] = (["--spec-type", "ngram-mod", "--spec-adaptive"], {})
+
+
+def edit_configs(sweep: list[int], upstream: list[str]) -> dict[str, tuple[list[str], dict[str, Any]]]:
+    configs = {name: UPSTREAM_NGRAM[name] for name in ["plain", *upstream]}
+    configs["ngram-mod-adaptive"] = ADAPTIVE_NGRAM
+    for n in sweep:
+        configs[f"ngram-mod-fixed-{n}"] = (ADAPTIVE_NGRAM[0], {"speculative": {"adaptive": False, "n_max": n}})
+    return configs
 
 
 def bench_code_edit(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    """Every configuration on a fresh server, warmed up with one run of the same edit (n-gram tables such
+    as ngram-mod's learn from earlier generations, so a cold first request and a warm later one differ a
+    lot; giving each configuration the same history keeps the comparison fair), then measured."""
     base = ["-t", str(args.threads), "-c", "8192", "-np", "1", "--cache-ram", "0", "--no-warmup"]
     prompts = [code_edit_prompt()]
-    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in NGRAM_CONFIGS}
-    sweep_runs: dict[str, list[dict[str, Any]]] = {}
+    upstream = [name for name in args.edit_upstream.split(",") if name]
+    configs = edit_configs([int(x) for x in args.edit_sweep.split(",") if x], upstream)
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
+    cold: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
     cmds = {}
     for rep in range(args.reps):
-        for name in abab(list(NGRAM_CONFIGS), rep):
-            srv = start(args.server, args.target, base + NGRAM_CONFIGS[name], log_dir, f"edit-{name}-{rep}")
+        for name in abab(list(configs), rep):
+            flags, extra = configs[name]
+            srv = start(args.server, args.target, base + flags, log_dir, f"edit-{name}-{rep}")
             cmds[name] = command(srv)
             try:
-                complete(srv, prompts[0][:200], 4)  # warm-up
-                r = run_prompts(srv, prompts, args.n_predict_edit)
-                runs[name].append(r)
-                print(f"[edit]  rep {rep} {name:18s} {r['tps']:7.2f} t/s  drafted {r['draft_n']:5d} "
-                      f"accepted {r['draft_n_accepted']:5d}", flush=True)  # fmt: skip
+                c = run_prompts(srv, prompts, args.n_predict_edit, **extra)  # warm-up: same task, same settings
+                r = run_prompts(srv, prompts, args.n_predict_edit, **extra)
                 if name == "ngram-mod-adaptive":
                     r["slot"] = slot0(srv).get("speculative_stats")
-                    # fixed n_max sweep on the same server (per request), interleaved with adaptive runs
-                    for n in [int(x) for x in args.edit_sweep.split(",")]:
-                        key = f"ngram-mod-fixed-{n}"
-                        rr = run_prompts(srv, prompts, args.n_predict_edit, speculative={"adaptive": False, "n_max": n})
-                        sweep_runs.setdefault(key, []).append(rr)
-                        print(f"[edit]  rep {rep} {key:18s} {rr['tps']:7.2f} t/s  drafted {rr['draft_n']:5d} "
-                              f"accepted {rr['draft_n_accepted']:5d}", flush=True)  # fmt: skip
-                    ra = run_prompts(srv, prompts, args.n_predict_edit)
-                    runs[name].append(ra)
-                    print(f"[edit]  rep {rep} {name:18s} {ra['tps']:7.2f} t/s (after sweep)", flush=True)
             finally:
                 srv.stop()
-    res = summarize({**runs, **sweep_runs}, "plain")
-    res["ngram-mod-adaptive"]["slot_stats_last"] = runs["ngram-mod-adaptive"][0].get("slot")
-    return {"server_cmds": cmds, "results": res, "prompt_chars": len(prompts[0]),
+            cold[name].append(c)
+            runs[name].append(r)
+            print(f"[edit]  rep {rep} {name:20s} {r['tps']:7.2f} t/s  drafted {r['draft_n']:5d} "
+                  f"accepted {r['draft_n_accepted']:5d}  (cold {c['tps']:7.2f} t/s)", flush=True)  # fmt: skip
+    res = summarize(runs, "plain")
+    res["ngram-mod-adaptive"]["slot_stats_last"] = runs["ngram-mod-adaptive"][-1].get("slot")
+    return {"server_cmds": cmds, "per_request": {k: v[1] for k, v in configs.items()}, "results": res,
+            "cold_first_request": summarize(cold, "plain"), "prompt_chars": len(prompts[0]),
             "file_lines": code_file().count("\n") + 1}  # fmt: skip
 
 
@@ -240,14 +248,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", type=Path, required=True, help="patched llama-server (full series)")
     ap.add_argument("--draft", type=Path, required=True, help="SmolLM2-135M-Instruct Q4_1 GGUF (the draft)")
-    ap.add_argument("--target", type=Path, help="F16 target; made from --draft with llama-quantize if missing")
+    ap.add_argument("--target", type=Path, help="target, same weights (F16, F32); made from --draft (F16) if missing")
     ap.add_argument("--quantize", type=Path, help="llama-quantize (default: next to --server)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--reps", type=int, default=2, help="ABAB repetitions (default 2)")
     ap.add_argument("--n-predict", type=int, default=192, help="tokens per prompt, draft-model workload")
     ap.add_argument("--n-predict-edit", type=int, default=1024, help="tokens per prompt, code-edit workload")
     ap.add_argument("--sweep", default="1,2,3,4,5,6,8,10,12,16", help="fixed n_max values, draft-model workload")
-    ap.add_argument("--edit-sweep", default="4,8,16,32,64", help="fixed n_max values, code-edit workload")
+    ap.add_argument("--edit-sweep", default="4,8,16,32,64", help="fixed ngram-mod n_max values, code-edit workload")
+    ap.add_argument("--edit-upstream", default=",".join(list(UPSTREAM_NGRAM)[1:]),
+                    help="upstream n-gram configurations to compare, code-edit workload")
     ap.add_argument("--threads", type=int, default=max(1, psutil.cpu_count(logical=False) or 1))
     ap.add_argument("--skip", default="", help="comma separated: draft,edit,ctx")
     args = ap.parse_args()
