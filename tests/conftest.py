@@ -8,6 +8,7 @@ home so developers can reuse builds between runs; CI leaves it unset and builds 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +18,14 @@ from velollm_patch import hardware, models, proc, serve
 from velollm_patch.build import BuildOptions, plan_build, run_build
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.paths import Paths, get_paths
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background of a non-interactive shell (`cmd &`, as CI runners may) inherits
+    # SIGINT ignored, and an ignored signal stays ignored across exec: the CLI processes that tests stop
+    # with SIGINT (Ctrl-C) would never see it. Handling it here lets children start with the default.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
