@@ -12,8 +12,10 @@ from click.testing import CliRunner
 from velollm_patch.bench import history
 from velollm_patch.bench.metrics import (
     PointResult,
+    RatioStats,
     RequestSample,
     ScenarioResult,
+    geometric_means,
     metric_total,
     parse_prometheus,
     percentile,
@@ -216,6 +218,19 @@ def test_ab_result_round_trips_and_reports_ratios(tmp_path: Path) -> None:
     text = ab_markdown(loaded)
     assert "vanilla (A) vs patched (B)" in text and "×1.078 [1.056–1.100]" in text
     assert "round 1 A: Code edit failed: llama-server exited with code -9" in text
+    assert "## Over the whole suite" in text and "| decode | ×1.078 | 5 |" in text
+
+
+def test_geometric_mean_over_scenarios_combines_median_ratios() -> None:
+    ratios = [
+        RatioStats("short.decode_tps", 10.0, 20.0, (2.0,)),
+        RatioStats("conversation.decode_tps", 10.0, 5.0, (0.4, 0.5, 0.6)),  # median 0.5
+        RatioStats("code_gen.decode_tps", 10.0, 13.0, (1.3,)),
+        RatioStats("short.peak_rss_bytes", 1.0, 0.5, (0.5,)),
+    ]
+    means = geometric_means(ratios)
+    assert means["decode_tps"] == (pytest.approx(1.3 ** (1 / 3)), 3)
+    assert means["peak_rss_bytes"] == (pytest.approx(0.5), 1)
 
 
 def test_load_result_rejects_other_files(tmp_path: Path) -> None:

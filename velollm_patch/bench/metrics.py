@@ -286,6 +286,17 @@ def ratio_table(pairs: Sequence[tuple[Mapping[str, float], Mapping[str, float]]]
     ]
 
 
+def geometric_means(ratios: Sequence[RatioStats]) -> dict[str, tuple[float, int]]:
+    """Per metric, the geometric mean of its median B/A over the scenarios that measured it, with
+    their count: the one number for "how much faster over the whole suite" (a ×2 and a ×0.5 cancel)."""
+    logs: dict[str, list[float]] = {}
+    for ratio in ratios:
+        median = ratio.stats.median
+        if median > 0:
+            logs.setdefault(ratio.metric, []).append(math.log(median))
+    return {metric: (math.exp(sum(values) / len(values)), len(values)) for metric, values in logs.items()}
+
+
 def parse_prometheus(text: str) -> dict[str, float]:
     """``name{labels} value`` lines of a /metrics page; the key keeps the labels as written."""
     values: dict[str, float] = {}

@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI, and no GUI to
 import matplotlib.pyplot as plt  # after use(): the backend is fixed when pyplot loads
 from matplotlib import ticker
 
-from velollm_patch.bench.metrics import METRICS, PointResult, RatioStats, percentile, split_key
+from velollm_patch.bench.metrics import METRICS, PointResult, RatioStats, geometric_means, percentile, split_key
 from velollm_patch.bench.runner import ABResult, RunResult
 from velollm_patch.bench.targets import TargetInfo
 from velollm_patch.errors import VelollmError
@@ -174,6 +174,14 @@ def ratio_rows(ratios: Sequence[RatioStats]) -> list[str]:
     return rows
 
 
+def geomean_rows(ratios: Sequence[RatioStats]) -> list[str]:
+    rows = ["| metric | B/A geometric mean | scenarios |", "|---|---:|---:|"]
+    for metric, (mean, count) in geometric_means(ratios).items():
+        title = METRICS[metric].title if metric in METRICS else metric
+        rows.append(f"| {title} | ×{mean:.3f} | {count} |")
+    return rows
+
+
 def ab_markdown(ab: ABResult, charts: Sequence[Path] = ()) -> str:
     complete = sum(1 for r in ab.rounds if r.complete)
     first = next((run for run in (*ab.runs("a"), *ab.runs("b"))), None)
@@ -192,6 +200,9 @@ def ab_markdown(ab: ABResult, charts: Sequence[Path] = ()) -> str:
         "## B/A per metric", "",
         "A and B columns are medians over rounds; the ratio is taken within each round, then summarized.", "",
         *ratio_rows(ab.ratios()),
+        "", "## Over the whole suite", "",
+        "Each metric's median B/A above, combined over the scenarios by geometric mean.", "",
+        *geomean_rows(ab.ratios()),
     ]
     problems = [
         f"- round {n + 1} {side.upper()}: {s.title} {s.status}: {_first_line(s.error)}"
@@ -216,7 +227,7 @@ def compare_markdown(old: RunResult, new: RunResult, ratios: Sequence[RatioStats
     ]
     if old.hardware != new.hardware:
         lines.append("- note: the two runs were measured on different hardware readings")
-    lines += ["", *ratio_rows(ratios)]
+    lines += ["", *ratio_rows(ratios), "", *geomean_rows(ratios)]
     return "\n".join(lines) + "\n"
 
 
