@@ -109,9 +109,25 @@ def _config(options: dict[str, Any]) -> BenchConfig:
     )
 
 
-def _spec(text: str, model: str | None, args: str | None, tuned: str | None = None) -> TargetSpec:
-    """The target as given; with ``tuned`` (a workload), a build started with the tuner's plan for this
-    machine, the model and that build (the plan's flags first, then ``args``)."""
+TUNED_HELP = "WORKLOAD[:PROFILE], e.g. code or chat:speed (profile default: balanced)"
+
+
+def _tuned_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, str] | None:
+    """``--tuned chat`` or ``--tuned chat:speed`` → (workload, profile)."""
+    if value is None:
+        return None
+    workload, _, profile = value.partition(":")
+    if workload not in tune.WORKLOADS or (profile and profile not in tune.PROFILES):
+        raise click.BadParameter(
+            f"'{value}' is not WORKLOAD[:PROFILE] with a workload of {', '.join(tune.WORKLOADS)} "
+            f"and a profile of {', '.join(tune.PROFILES)}", ctx, param,
+        )
+    return workload, profile or "balanced"
+
+
+def _spec(text: str, model: str | None, args: str | None, tuned: tuple[str, str] | None = None) -> TargetSpec:
+    """The target as given; with ``tuned`` (workload, profile), a build started with the tuner's plan for
+    this machine, the model and that build (the plan's flags first, then ``args``)."""
     server_args = tuple(shlex.split(args)) if args else ()
     parsed = parse_target(text)
     build = find_build(get_paths(), parsed.ref) if parsed.kind == "build" else None  # fails before a download
@@ -119,11 +135,12 @@ def _spec(text: str, model: str | None, args: str | None, tuned: str | None = No
         raise VelollmError(f"--tuned needs an installed build as the target (vanilla, current, a build id), not {text}")
     if parsed.starts_server:
         model = str(models.resolve(get_paths(), model))
-    label = " ".join(part for part in (text, tuned and f"tuned:{tuned}", shlex.join(server_args)) if part)
+    tuned_label = tuned and ("tuned:" + tuned[0] + ("" if tuned[1] == "balanced" else f":{tuned[1]}"))
+    label = " ".join(part for part in (text, tuned_label, shlex.join(server_args)) if part)
     if tuned and build is not None and model is not None:
         paths = get_paths()
         hw = hardware.detect(build_dir=paths.cache)
-        plan = tune.plan_for(model, hw, build, paths, tune.TuneRequest(workload=tuned))
+        plan = tune.plan_for(model, hw, build, paths, tune.TuneRequest(workload=tuned[0], profile=tuned[1]))
         server_args = (*plan.args, *server_args)
     return parse_target(text, model=model, server_args=server_args, label=label)
 
@@ -220,10 +237,10 @@ def bench() -> None:
 @bench.command("run")
 @click.argument("target")
 @click.option("--server-args", help="Extra llama-server flags for a started server, e.g. \"-c 8192 -fa on\".")
-@click.option("--tuned", type=click.Choice(tune.WORKLOADS),
-              help="Start the build with the tuner's plan for this workload (as `velollm-patch tune` prints it).")
+@click.option("--tuned", callback=_tuned_option, metavar="WORKLOAD[:PROFILE]",
+              help="Start the build with the tuner's plan (as `velollm-patch tune` prints it): " + TUNED_HELP + ".")
 @_run_options
-def bench_run(target: str, server_args: str | None, tuned: str | None, **options: Any) -> None:
+def bench_run(target: str, server_args: str | None, tuned: tuple[str, str] | None, **options: Any) -> None:
     """Run the scenarios against TARGET.
 
     TARGET: vanilla, patched, current, a build id, a llama-server path, http://HOST:PORT (a
@@ -246,12 +263,14 @@ def bench_run(target: str, server_args: str | None, tuned: str | None, **options
 @click.option("--server-args", help="llama-server flags for both started servers.")
 @click.option("--a-args", help="Extra flags for A only (after --server-args).")
 @click.option("--b-args", help="Extra flags for B only (after --server-args).")
-@click.option("--a-tuned", type=click.Choice(tune.WORKLOADS), help="Start A with the tuner's plan for this workload.")
-@click.option("--b-tuned", type=click.Choice(tune.WORKLOADS), help="Start B with the tuner's plan for this workload.")
+@click.option("--a-tuned", callback=_tuned_option, metavar="WORKLOAD[:PROFILE]",
+              help="Start A with the tuner's plan: " + TUNED_HELP + ".")
+@click.option("--b-tuned", callback=_tuned_option, metavar="WORKLOAD[:PROFILE]",
+              help="Start B with the tuner's plan: " + TUNED_HELP + ".")
 @_run_options
 def bench_ab(
     target_a: str, target_b: str, rounds: int, server_args: str | None, a_args: str | None, b_args: str | None,
-    a_tuned: str | None, b_tuned: str | None, **options: Any,
+    a_tuned: tuple[str, str] | None, b_tuned: tuple[str, str] | None, **options: Any,
 ) -> None:
     """Alternate TARGET_A and TARGET_B for --rounds rounds and report each metric's ratio B/A.
 
