@@ -266,23 +266,6 @@ def test_cpu_2core_box(smollm2: ModelInfo, flags: ServerFlags) -> None:
     assert p.not_applied == ()
 
 
-def test_cpu_speed_profile_turns_flash_attention_off(smollm2: ModelInfo, flags: ServerFlags) -> None:
-    """The CPU flash-attention kernel decodes slower at long context (BENCHMARKS.md), so `speed` turns
-    it off, and with it what needs it: quantized V and on-demand KV."""
-    kv_flags = ServerFlags("excerpt+kv", (*flags.flags, *parse_help(KV_ON_DEMAND_HELP)))
-    with_flag = facts(kv_flags, patches=("kv-on-demand",))
-    p = plan(smollm2, recorded_hardware("cpu-2core"), with_flag, TuneRequest(profile="speed"))
-    assert arg(p, "--flash-attn") == "off" and "decodes slower" in reason(p, "flash_attn")
-    assert "--kv-on-demand" not in p.args and "flash attention" in reason(p, "kv_on_demand")
-    assert arg(p, "--cache-type-v") == "f16"
-    balanced = plan(smollm2, recorded_hardware("cpu-2core"), with_flag)
-    assert arg(balanced, "--flash-attn") == "on" and "--kv-on-demand" in balanced.args
-    # Without flash attention the compute buffer holds the n_ubatch x n_ctx scores.
-    assert p.memory.compute_bytes > balanced.memory.compute_bytes
-    gpu = plan(smollm2, recorded_hardware("rtx3060"), facts(flags, backend="cuda"), TuneRequest(profile="speed"))
-    assert arg(gpu, "--flash-attn") == "on"
-
-
 def test_cpu_box_with_little_ram_fails_clearly(smollm2: ModelInfo, flags: ServerFlags) -> None:
     hw = recorded_hardware("cpu-2core")
     tiny = dataclasses.replace(hw, memory=dataclasses.replace(hw.memory, available_bytes=1 * GiB + 64 * MiB))

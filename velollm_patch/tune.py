@@ -554,14 +554,9 @@ class _Planner:
         return total, True
 
     def flash_attention(self, backend: str) -> bool:
-        if backend == "cpu" and self.req.profile == "speed":
-            # Measured on a 2-core x86 VM with pin 0c1e570 (BENCHMARKS.md): at ~2.8K tokens of context the
-            # CPU flash-attention path decodes at 37 ms/token, the plain path at 25 ms/token.
-            why = ("the CPU flash-attention kernel decodes slower as the context grows; off costs on-demand KV, "
-                   "quantized V and an n_ubatch x n_ctx score buffer")
-            self.note("flash_attn", "off", why)
-            return False
         if backend == "cpu":
+            # Off would decode faster at long context on the CPU kernel, but prompts process slower and short
+            # contexts decode slower: over the bench suite it lost (BENCHMARKS.md, "flash attention on a CPU").
             why = "quantized V and on-demand KV need it, and it avoids the n_ctx x n_ubatch score matrix"
         else:
             why = f"fused attention kernels on {backend}; needed for quantized V and on-demand KV"
