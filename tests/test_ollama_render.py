@@ -334,10 +334,11 @@ def test_cli_tuned_modelfile_needs_a_build(tmp_path: Path, monkeypatch: pytest.M
 
 @pytest.mark.slow
 def test_cli_tuned_modelfile_carries_the_plan(patched_build: InstalledBuild, smollm2_gguf: Path, paths: Paths) -> None:
-    """`--tuned` writes the tuner's choices as PARAMETERs; the file passes the linter; options override it."""
+    """`--tuned` (implied by --workload) writes the tuner's choices as PARAMETERs; the file passes the linter;
+    options override it."""
     hw = hardware.detect(build_dir=paths.cache)
     plan = tune.plan_for(str(smollm2_gguf), hw, patched_build, paths, tune.TuneRequest(workload="code"))
-    result = CliRunner().invoke(main, ["ollama", "modelfile", str(smollm2_gguf), "--tuned", "--workload", "code"])
+    result = CliRunner().invoke(main, ["ollama", "modelfile", str(smollm2_gguf), "--workload", "code"])
     assert result.exit_code == 0, result.output
     text = result.stdout
     assert f"PARAMETER num_ctx {plan.settings.ctx_per_slot}" in re.sub(r" +", " ", text)

@@ -69,17 +69,17 @@ def _version_option(value: str | None) -> str | None:
               " (without URL: OLLAMA_HOST).")
 @click.option("--tuned", is_flag=True, help="Start from the tuner's plan for MODEL on this machine (the options"
               " above override it); MODEL is then an Ollama model name or a GGUF path.")
-@click.option("--profile", type=click.Choice(tune.PROFILES), default="balanced", show_default=True,
-              help="Tuner profile, with --tuned.")
-@click.option("--workload", type=click.Choice(tune.WORKLOADS), default="chat", show_default=True,
-              help="Tuner workload, with --tuned.")
+@click.option("--profile", type=click.Choice(tune.PROFILES),
+              help="Tuner profile (implies --tuned; default: balanced).")
+@click.option("--workload", type=click.Choice(tune.WORKLOADS),
+              help="Tuner workload (implies --tuned; default: chat).")
 @click.option("--comment", "comments", multiple=True, help="A comment line for the top of the file.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write here instead of stdout.")
 def modelfile_cmd(
     model: str, num_ctx: int | None, num_batch: int | None, num_thread: int | None,
     num_gpu: int | None, draft: Path | None, draft_num_predict: int | None,
-    ollama_version: str | None, server: str | None, tuned: bool, profile: str, workload: str,
+    ollama_version: str | None, server: str | None, tuned: bool, profile: str | None, workload: str | None,
     comments: tuple[str, ...], output: Path | None,
 ) -> None:
     """Write a Modelfile deriving from MODEL with the tuner's settings (--tuned) or the given ones."""
@@ -94,7 +94,8 @@ def modelfile_cmd(
     else:
         spec = ModelfileSpec(model, ollama_version=version)
     tuned_draft = None
-    if tuned:
+    if tuned or profile or workload:
+        profile, workload = profile or "balanced", workload or "chat"
         paths = get_paths()
         build = current_build(paths)
         if build is None:
