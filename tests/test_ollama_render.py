@@ -349,3 +349,6 @@ def test_cli_tuned_modelfile_carries_the_plan(patched_build: InstalledBuild, smo
     assert lint_modelfile(text).errors == ()
     overridden = CliRunner().invoke(main, ["ollama", "modelfile", str(smollm2_gguf), "--tuned", "--num-ctx", "1024"])
     assert "PARAMETER num_ctx 1024" in re.sub(r" +", " ", overridden.stdout)
+    # A demo-model name means nothing to Ollama: FROM names the file the plan was made for.
+    by_name = CliRunner().invoke(main, ["ollama", "modelfile", "smollm2-135m", "--tuned"])
+    assert f"FROM {smollm2_gguf}" in by_name.stdout

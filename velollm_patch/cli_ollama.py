@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import psutil
 
-from velollm_patch import hardware, tune
+from velollm_patch import hardware, models, tune
 from velollm_patch.builds import current_build
 from velollm_patch.errors import VelollmError
 from velollm_patch.ollama.api import OllamaClient
@@ -104,6 +104,9 @@ def modelfile_cmd(
                              tune.TuneRequest(profile=profile, workload=workload))
         parameters, reasons, tuned_draft = tuned_parameters(plan)
         spec = spec.with_parameters(parameters, reasons)
+        if model in models.KNOWN_MODELS and not Path(model).exists():
+            # Ollama does not know our demo-model names: derive from the file the plan was made for.
+            spec = replace(spec, from_model=str(plan.model.path))
         comments = (*comments, f"tuned by velollm-patch for this machine: {profile} profile, {workload} workload")
     chosen: dict[str, ParamValue] = {
         name: value for name, value in (
