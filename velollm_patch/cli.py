@@ -312,7 +312,7 @@ def models_list() -> None:
 
 
 @main.command()
-@click.option("--model", help="GGUF path or known model name (default: smollm2-135m).")
+@click.option("--model", help="GGUF path, known model name or Ollama model name (default: smollm2-135m).")
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--gpu", default="auto", show_default=True)
 def up(model: str | None, port: int, gpu: str) -> None:
