@@ -59,8 +59,8 @@ def main() -> int:
             with serve.start_server(config, timeout=120) as server:
                 serve.warm_up(server)
                 for i in range(2):
-                    timings = serve.complete(server, f"{i} {prompt()}", args.n_predict, timeout=600,
-                                             cache_prompt=False)["timings"]  # fmt: skip
+                    # complete() sends cache_prompt=false: each request evaluates the whole prompt
+                    timings = serve.complete(server, f"{i} {prompt()}", args.n_predict, timeout=600)["timings"]
                     samples[name].append({"prompt_n": timings["prompt_n"], "prompt_ms": timings["prompt_per_token_ms"],
                                           "decode_ms": timings["predicted_per_token_ms"]})  # fmt: skip
             print(name, [f"{s['prompt_ms']:.2f}/{s['decode_ms']:.1f}" for s in samples[name][-2:]], flush=True)

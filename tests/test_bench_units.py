@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from velollm_patch import serve
 from velollm_patch.bench import history
 from velollm_patch.bench.metrics import (
     PointResult,
@@ -17,7 +18,6 @@ from velollm_patch.bench.metrics import (
     ScenarioResult,
     geometric_means,
     metric_total,
-    parse_prometheus,
     percentile,
     ratio_table,
     summarize,
@@ -113,7 +113,7 @@ def test_prometheus_parsing_and_label_totals() -> None:
         'llamacpp:kv_committed_bytes{device="1"} 2097152\n'
         "llamacpp:broken notanumber\n"
     )
-    values = parse_prometheus(text)
+    values = serve.parse_prometheus(text)
     assert values["llamacpp:prompt_tokens_total"] == 1234
     assert metric_total(values, "llamacpp:kv_committed_bytes") == 3 * 1048576
     assert metric_total(values, "llamacpp:absent") is None

@@ -8,7 +8,6 @@ log in a file whose tail explains a failed start.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -106,8 +105,8 @@ class RunningServer:
         """The ``llamacpp:*`` series of /metrics (the server needs ``--metrics``), by name without the prefix."""
         response = self.request("GET", "/metrics")
         response.raise_for_status()
-        found = (re.match(r"^llamacpp:(\w+) (\S+)$", line) for line in response.text.splitlines())
-        return {m.group(1): float(m.group(2)) for m in found if m}
+        series = parse_prometheus(response.text)
+        return {name.removeprefix("llamacpp:"): value for name, value in series.items() if name.startswith("llamacpp:")}
 
     def slots(self) -> list[dict[str, Any]]:
         return list(self.get_json("/slots"))
@@ -171,6 +170,21 @@ def start_server(config: ServerConfig, *, wait: bool = True, timeout: float = 12
             server.stop()
             raise
     return server
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """``name{labels} value`` lines of a /metrics page; the key keeps the labels as written."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, rest = line.rpartition(" ")
+        try:
+            values[name.strip()] = float(rest)
+        except ValueError:
+            continue
+    return values
 
 
 def complete(

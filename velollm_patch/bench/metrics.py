@@ -297,21 +297,6 @@ def geometric_means(ratios: Sequence[RatioStats]) -> dict[str, tuple[float, int]
     return {metric: (math.exp(sum(values) / len(values)), len(values)) for metric, values in logs.items()}
 
 
-def parse_prometheus(text: str) -> dict[str, float]:
-    """``name{labels} value`` lines of a /metrics page; the key keeps the labels as written."""
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, _, rest = line.rpartition(" ")
-        try:
-            values[name.strip()] = float(rest)
-        except ValueError:
-            continue
-    return values
-
-
 def metric_total(metrics: Mapping[str, float], name: str) -> float | None:
     """Sum of a metric over all its label sets (e.g. one series per device); None if absent."""
     found = [v for k, v in metrics.items() if k == name or k.startswith(name + "{")]

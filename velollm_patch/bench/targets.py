@@ -29,7 +29,7 @@ import httpx
 import psutil
 
 from velollm_patch import serve
-from velollm_patch.bench.metrics import RequestSample, parse_prometheus
+from velollm_patch.bench.metrics import RequestSample
 from velollm_patch.bench.scenarios import Prompt, render_transcript
 from velollm_patch.builds import InstalledBuild, find_build
 from velollm_patch.errors import VelollmError
@@ -291,7 +291,7 @@ class _ChatTarget(Target):
             response = self._http.get(f"{self._url}/metrics", timeout=10)
         except httpx.HTTPError:
             return {}
-        return parse_prometheus(response.text) if response.status_code == 200 else {}
+        return serve.parse_prometheus(response.text) if response.status_code == 200 else {}
 
     def _read_props(self) -> dict[str, Any] | None:
         """llama-server's /props, or None when the server is not a llama-server."""
