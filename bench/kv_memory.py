@@ -154,11 +154,13 @@ def bench_slots(binary: Path, model: Path, extra: list[str], wd: Path, threads: 
     return out
 
 
-def bench_speed(binary: Path, model: Path, extra: list[str], wd: Path, threads: int, n_prompt: int) -> dict[str, Any]:
+def bench_speed(
+    binary: Path, model: Path, extra: list[str], wd: Path, threads: int, n_prompt: int, n_predict: int
+) -> dict[str, Any]:
     with start(binary, model, ["-c", "32768", "-np", "1", *BASE_ARGS, *extra], wd, threads) as s:
         prompt = fill_text(s, n_prompt)
         complete(s, "warm up", n_predict=8, cache_prompt=False)
-        res = complete(s, prompt, n_predict=128, cache_prompt=False)
+        res = complete(s, prompt, n_predict=n_predict, cache_prompt=False)
         t = res["timings"]
         return {"prompt_n": t["prompt_n"], "prompt_tps": t["prompt_per_second"],
                 "decode_n": t["predicted_n"], "decode_tps": t["predicted_per_second"]}  # fmt: skip
@@ -243,6 +245,7 @@ def main() -> int:
                     help="comma list of vanilla, off (patched, switch off), on-demand (default: vanilla,on-demand)")
     ap.add_argument("--conv-tokens", type=int, default=2048, help="prompt tokens per conversation (4 slots)")
     ap.add_argument("--speed-prompt", type=int, default=2048, help="prompt tokens for the speed test")
+    ap.add_argument("--speed-predict", type=int, default=128, help="generated tokens for the speed test")
     ap.add_argument("--threads", type=int, default=max(1, psutil.cpu_count(logical=False) or 1))
     ap.add_argument("--soak-requests", type=int, default=500, help="requests of the on-demand soak (default 500)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the soak's random lengths")
@@ -295,7 +298,9 @@ def main() -> int:
             if "slots" not in skip and heavy:
                 runs["slots"].append(bench_slots(binary, args.model, extra, wd, args.threads, args.conv_tokens))
             if "speed" not in skip and light:
-                runs["speed"].append(bench_speed(binary, args.model, extra, wd, args.threads, args.speed_prompt))
+                runs["speed"].append(
+                    bench_speed(binary, args.model, extra, wd, args.threads, args.speed_prompt, args.speed_predict)
+                )
             print(f"[{time.monotonic() - t0:6.0f}s] {v} done", file=sys.stderr, flush=True)
         if "soak" not in skip and "on-demand" in variants and args.soak_requests > 0:
             binary, extra = variants["on-demand"]

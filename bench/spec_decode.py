@@ -6,14 +6,15 @@ variants ABAB (the order is reversed on every other repetition):
 
 1. draft-model workload (chat / code generation): SmolLM2-135M F16 target + the Q4_1 original as the draft
    (same weights).  One server with ``--spec-type draft-simple --spec-draft-n-max 16 --spec-draft-p-min 0``;
-   the variants are per-request settings so they run interleaved on the same process:
-   no speculation (``speculative.enabled=false``), fixed n_max 1..16 (``adaptive=false, n_max=N``; n_max 3 is
-   the upstream default) and adaptive (``adaptive=true``, cap 16).
+   the fixed lengths are per-request settings so they run interleaved on the same process: fixed n_max 1..16
+   (``adaptive=false, n_max=N``; n_max 3 is the upstream default).  Plain decoding runs on a server without
+   the draft, adaptive (``adaptive=true``, cap 16) on a server of its own, so that its step-time model learns
+   only from its own requests.
 2. code-edit workload ("fast apply": the prompt holds a ~150-line file, the answer rewrites it with small
    changes) with n-gram speculation.  A fresh server per configuration, warmed up with one run of the same
    edit, then measured: no speculation, ``--spec-default`` (ngram-mod 24/48/64), ngram-simple, ngram-map-k,
-   ngram-map-k4v (upstream defaults), ngram-mod with ``--spec-adaptive``, and ngram-mod with fixed n_max
-   (per request).
+   ngram-map-k4v (upstream defaults), ngram-mod with ``--spec-adaptive`` (and with ``--spec-adaptive-min 0``,
+   as the tuner plans it), and ngram-mod with fixed n_max (per request).
 3. draft context: RSS of a -c 32768 server with the draft, with and without ``--spec-draft-ctx 2048``.
 
 Every run checks that the generated text is byte-identical to the no-speculation run (lossless).
@@ -146,25 +147,30 @@ def bench_draft(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     variants["adaptive"] = {"speculative": {"adaptive": True}}
     srv = start(args.server, args.target, srv_args, log_dir, "draft")
     plain = start(args.server, args.target, srv_args[: srv_args.index("-md")], log_dir, "plain")
+    # the adaptive policy keeps its step-time model per slot across requests: on the sweep's server it would
+    # learn the cost of every length from the fixed runs, which a real server does not get for free
+    adaptive = start(args.server, args.target, srv_args, log_dir, "adaptive")
+    server_of = {"plain": plain, "adaptive": adaptive}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
     try:
-        complete(srv, GEN_PROMPTS[0], 16)  # warm-up
-        complete(plain, GEN_PROMPTS[0], 16)
+        for server in (srv, plain, adaptive):
+            complete(server, GEN_PROMPTS[0], 16)  # warm-up
         for rep in range(args.reps):
             for name in abab(list(variants), rep):
-                r = run_prompts(plain if name == "plain" else srv, GEN_PROMPTS, args.n_predict, **variants[name])
+                server = server_of.get(name, srv)
+                r = run_prompts(server, GEN_PROMPTS, args.n_predict, **variants[name])
                 if name == "adaptive":
-                    r["slot"] = slot0(srv).get("speculative_stats")
+                    r["slot"] = slot0(server).get("speculative_stats")
                 runs[name].append(r)
                 print(f"[draft] rep {rep} {name:10s} {r['tps']:7.2f} t/s  drafted {r['draft_n']:5d} "
                       f"accepted {r['draft_n_accepted']:5d}", flush=True)  # fmt: skip
     finally:
-        srv.stop()
-        plain.stop()
+        for server in (srv, plain, adaptive):
+            server.stop()
     res = summarize(runs, "plain")
     res["adaptive"]["slot_stats_last"] = runs["adaptive"][-1].get("slot")
-    return {"server_cmd": command(srv), "plain_cmd": command(plain), "variants": variants,
-            "results": res}  # fmt: skip
+    return {"server_cmd": command(srv), "plain_cmd": command(plain), "adaptive_cmd": command(adaptive),
+            "variants": variants, "results": res}  # fmt: skip
 
 
 # name -> (server flags, per-request fields)
@@ -181,6 +187,8 @@ ADAPTIVE_NGRAM: tuple[list[str], dict[str, Any]] = (["--spec-type", "ngram-mod",
 def edit_configs(sweep: list[int], upstream: list[str]) -> dict[str, tuple[list[str], dict[str, Any]]]:
     configs = {name: UPSTREAM_NGRAM[name] for name in ["plain", *upstream]}
     configs["ngram-mod-adaptive"] = ADAPTIVE_NGRAM
+    # what the tuner plans: adaptive may also stop drafting where drafts do not pay
+    configs["ngram-mod-adaptive-min0"] = ([*ADAPTIVE_NGRAM[0], "--spec-adaptive-min", "0"], {})
     for n in sweep:
         configs[f"ngram-mod-fixed-{n}"] = (ADAPTIVE_NGRAM[0], {"speculative": {"adaptive": False, "n_max": n}})
     return configs

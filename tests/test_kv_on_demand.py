@@ -211,7 +211,9 @@ def test_gemma3_swa(start_patched_server: StartServer, gemma3_gguf: Path) -> Non
     on = start_patched_server(gemma3_gguf, *common, "--kv-on-demand")
     m_idle = on.metrics()
     assert m_idle["kv_on_demand"] == 1
-    assert m_idle["kv_reserved_bytes"] == m_off["kv_reserved_bytes"]
+    # the reservation places every (layer, K/V) tensor one cache line past a page boundary, so it may be a
+    # few pages larger than the preallocated buffer
+    assert m_off["kv_reserved_bytes"] <= m_idle["kv_reserved_bytes"] <= m_off["kv_reserved_bytes"] * 1.01
     assert m_idle["kv_committed_bytes"] <= m_idle["kv_reserved_bytes"] / 100
 
     out_on = _greedy(on, prompts)

@@ -171,3 +171,18 @@ def test_serve_command(patched_build: InstalledBuild, smollm2_gguf: Path, how: s
             process.wait()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_serve_killed_takes_its_server_along(patched_build: InstalledBuild, smollm2_gguf: Path) -> None:
+    # SIGKILL runs no cleanup in velollm-patch: the server must go on its own (PR_SET_PDEATHSIG on Linux)
+    # rather than stay behind holding the port and the model's memory.
+    port = serve.free_port()
+    process, _ = _serve(smollm2_gguf, port)
+    server = next(c for c in psutil.Process(process.pid).children() if "llama-server" in c.name())
+    process.kill()
+    process.wait()
+    try:
+        server.wait(timeout=60)
+    except psutil.TimeoutExpired:
+        server.kill()
+        raise AssertionError("llama-server outlived the velollm-patch process that started it") from None

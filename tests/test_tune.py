@@ -360,9 +360,12 @@ def test_adaptive_draft_length_when_the_build_has_it(smollm2: ModelInfo, flags: 
     assert arg(p, "--spec-type") == "ngram-mod" and "--spec-adaptive" in p.args
     assert "--no-spec-adaptive" not in p.args and p.env["LLAMA_ARG_SPEC_ADAPTIVE"] == "1"
     assert choice(p, "spec_adaptive") == "--spec-adaptive"
+    # ... and may stop drafting where drafts do not pay
+    assert arg(p, "--spec-adaptive-min") == "0" and p.env["LLAMA_ARG_SPEC_ADAPTIVE_MIN"] == "0"
+    assert choice(p, "spec_adaptive_min") == "0"
     # chat with no draft model: nothing to adapt
     p = plan(smollm2, recorded_hardware("cpu-2core"), patched)
-    assert "--spec-adaptive" not in p.args
+    assert "--spec-adaptive" not in p.args and "--spec-adaptive-min" not in p.args
     # the flag without the patch in the manifest: fixed lengths, as upstream
     p = plan(smollm2, recorded_hardware("cpu-2core"), facts(with_flag), TuneRequest(workload="edit"))
     assert "--spec-adaptive" not in p.args

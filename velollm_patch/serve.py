@@ -7,10 +7,12 @@ log in a file whose tail explains a failed start.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -140,6 +142,31 @@ class RunningServer:
         self.stop()
 
 
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has Linux send the server SIGTERM when velollm-patch dies, even by SIGKILL (which
+    runs no cleanup and used to leave the server holding its port and memory).
+
+    The signal fires when the *thread* that spawned the child exits, so it is set only for servers started
+    from the main thread (the CLI, the bench, the supervisor's restarts); a server started from another
+    thread is left as before.
+    """
+    if _LIBC is None or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = _LIBC.prctl
+    parent = os.getpid()
+
+    def set_pdeathsig() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return set_pdeathsig
+
+
 def start_server(config: ServerConfig, *, wait: bool = True, timeout: float = 120) -> RunningServer:
     if not config.model.is_file():
         raise VelollmError(f"model {config.model} does not exist: pass a GGUF path or a known model name")
@@ -158,7 +185,7 @@ def start_server(config: ServerConfig, *, wait: bool = True, timeout: float = 12
         try:
             process = subprocess.Popen(
                 argv, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **config.env},
+                env={**os.environ, **config.env}, preexec_fn=_die_with_parent(),
             )
         except OSError as exc:
             raise VelollmError(f"cannot run {config.binary}: {exc}") from exc

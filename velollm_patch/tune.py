@@ -50,6 +50,7 @@ GPU_BACKENDS = ("cuda", "rocm", "metal", "vulkan")
 # Patches of our series the planner knows how to use (patches/llama.cpp/<pin>/series.toml names).
 KV_ON_DEMAND_PATCH = "kv-on-demand"
 SPEC_ADAPTIVE_PATCH = "spec-adaptive"
+SPEC_ADAPTIVE_MIN_FLAG = "--spec-adaptive-min"
 
 # GGML_CUDA_FA_QUANTS' default (ggml/CMakeLists.txt); builds that did not record their own list
 # (ROCm builds share the CUDA flash-attention code) have exactly these vec kernels.
@@ -163,6 +164,7 @@ class Speculation:
     draft_n_max: int | None = None
     draft_p_min: float | None = None
     adaptive_flag: str | None = None
+    adaptive_min: int | None = None  # with adaptive: the smallest draft length (0 lets the server stop drafting)
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,7 @@ class Plan:
             "draft_n_max": spec.draft_n_max,
             "draft_p_min": spec.draft_p_min,
             "adaptive_flag": spec.adaptive_flag,
+            "adaptive_min": spec.adaptive_min,
         }
         return {
             "model": str(self.model.path),
@@ -642,6 +645,7 @@ class _Planner:
                 self.note("speculation", "off", f"{req.workload} workload and no compatible smaller draft model found")
             return None
         adaptive: str | None = None
+        adaptive_min: int | None = None
         if self.build.has_patch(SPEC_ADAPTIVE_PATCH):
             # Fixed n-gram draft lengths (ngram-mod: up to 64 tokens) cost more than they return when the
             # output stops repeating the input, and under concurrency on a CPU; adaptive lengths do not.
@@ -649,7 +653,16 @@ class _Planner:
             if switches:
                 adaptive = switches[0].names[-1]
                 self.note("spec_adaptive", adaptive, "the build adapts the draft length to the acceptance it measures")
-        return Speculation(tuple(types), draft, n_max, p_min, adaptive)
+                if flags.accepts(SPEC_ADAPTIVE_MIN_FLAG):
+                    # The default minimum (1) keeps drafting even where every draft costs more than it
+                    # returns (a batched verification dearer than its accepted tokens, as on small CPUs).
+                    adaptive_min = 0
+                    self.note(
+                        "spec_adaptive_min", adaptive_min,
+                        "stop drafting where drafts cost more than they return (the server still tries a draft "
+                        "length every 32 steps)",
+                    )
+        return Speculation(tuple(types), draft, n_max, p_min, adaptive, adaptive_min)
 
     def _draft(self, offered: tuple[str, ...]) -> DraftCandidate | None:
         req = self.req
@@ -716,6 +729,8 @@ def _arg_table(s: Settings) -> list[tuple[str, tuple[str, ...], str | None]]:
                 rows.append(("spec_draft_ngl", ("--spec-draft-ngl", "-ngld", "--gpu-layers-draft"), "all"))
         if spec.adaptive_flag:
             rows.append(("spec_adaptive", (spec.adaptive_flag,), None))
+        if spec.adaptive_min is not None:
+            rows.append(("spec_adaptive_min", (SPEC_ADAPTIVE_MIN_FLAG,), str(spec.adaptive_min)))
     # /metrics carries the speculation and (with the on-demand patch) KV gauges serve and bench read.
     rows.append(("metrics", ("--metrics",), None))
     return rows
