@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Benchmark: the tuner's planned memory against the server's measured RSS (issue #6).
+
+The plan's memory figure is the worst case the budget must hold: weights + a KV cache with every slot full +
+compute buffers (by ``llama-fit-params``, the build's own dry run, or arithmetic from GGUF metadata). This script
+starts the current build with the plan (``velollm_patch.tune.plan_for``), reads the RSS of the server process
+idle, then fills every slot to its planned context with concurrent requests (one per slot, ``id_slot``), samples
+the RSS while they run, and reports measured / planned at that point. With on-demand KV (patch 0002) the idle
+server holds weights + compute only, so the idle RSS is also compared with ``total - kv``.
+
+    python bench/plan_memory.py --model smollm2-135m --workload chat --out plan-memory.json
+    python bench/plan_memory.py --model smollm2-135m --workload chat --ctx 2048 --slots 2 --out small.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from velollm_patch import builds, hardware, serve, tune
+from velollm_patch.paths import get_paths
+
+MiB = 1024 * 1024
+FILL_TEXT = (
+    "In the quiet valley the river ran slowly past the old mill, and the miller counted the sacks of "
+    "grain one by one while the children played by the water. "
+)
+
+
+class PeakRss:
+    """Samples a process's RSS every 50 ms in a thread; ``peak`` is the largest value seen."""
+
+    def __init__(self, server: serve.RunningServer) -> None:
+        self.server = server
+        self.peak = server.rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.server.rss_bytes())
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.server.rss_bytes())
+
+
+def fill_prompt(server: serve.RunningServer, n_tokens: int, slot: int) -> str:
+    per_chunk = len(server.tokenize(FILL_TEXT))
+    return f"Story {slot}. " + FILL_TEXT * max(1, n_tokens // per_chunk)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="GGUF path, demo-model or Ollama name")
+    ap.add_argument("--workload", default="chat", choices=tune.WORKLOADS)
+    ap.add_argument("--profile", default="balanced", choices=tune.PROFILES)
+    ap.add_argument("--ctx", type=int, help="context per slot (default: the tuner's choice)")
+    ap.add_argument("--slots", type=int, help="slots (default: the tuner's choice)")
+    ap.add_argument("--build", default="patched", help="build id, current, vanilla or patched")
+    ap.add_argument("--n-predict", type=int, default=16, help="tokens generated per slot after its prompt")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    paths = get_paths()
+    hw = hardware.detect(build_dir=paths.cache)
+    build = builds.find_build(paths, args.build)
+    request = tune.TuneRequest(args.profile, args.workload, args.ctx, args.slots, draft="none")
+    plan = tune.plan_for(args.model, hw, build, paths, request)
+    for line in plan.describe():
+        print(line)
+    s = plan.settings
+    mem = plan.memory
+    log = Path(tempfile.mkdtemp(prefix="plan-memory-")) / "server.log"
+    config = serve.ServerConfig(binary=build.bin("llama-server"), model=plan.model.path, args=plan.args,
+                                log_file=log)  # fmt: skip
+    server = serve.start_server(config, timeout=300)
+    try:
+        serve.warm_up(server)
+        time.sleep(1.0)
+        idle = server.rss_bytes()
+        # every slot asks for its whole planned context: prompt + n_predict (a few tokens of headroom)
+        n_prompt = s.ctx_per_slot - args.n_predict - 8
+        prompts = [fill_prompt(server, n_prompt, i) for i in range(s.slots)]
+        t0 = time.monotonic()
+        with PeakRss(server) as peak, concurrent.futures.ThreadPoolExecutor(s.slots) as pool:
+            futures = [pool.submit(serve.complete, server, p, args.n_predict, timeout=3600, id_slot=i,
+                                   cache_prompt=True) for i, p in enumerate(prompts)]  # fmt: skip
+            results = [f.result() for f in futures]
+        fill_s = time.monotonic() - t0
+        held = sum(int(r["timings"]["prompt_n"]) + int(r["timings"]["predicted_n"]) for r in results)
+        metrics = server.metrics() if "--metrics" in plan.args else {}
+    finally:
+        server.stop()
+
+    planned_idle = mem.total_bytes - (mem.kv_bytes if mem.kv_on_demand else 0)
+    report: dict[str, Any] = {
+        "argv": sys.argv,
+        "plan": plan.to_dict(),
+        "tokens_held": held,
+        "tokens_planned": s.ctx_per_slot * s.slots,
+        "fill_s": fill_s,
+        "idle_rss_bytes": idle,
+        "full_peak_rss_bytes": peak.peak,
+        "planned_total_bytes": mem.total_bytes,
+        "planned_idle_bytes": planned_idle,
+        "full_over_planned": peak.peak / mem.total_bytes,
+        "idle_over_planned_idle": idle / planned_idle,
+        "kv_committed_bytes": metrics.get("kv_committed_bytes"),
+    }
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"tokens held {held} of {s.ctx_per_slot * s.slots} planned ({fill_s:.0f} s)")
+    print(f"full: RSS {peak.peak / MiB:.1f} MiB vs planned {mem.total_bytes / MiB:.1f} MiB "
+          f"(x{report['full_over_planned']:.3f})")  # fmt: skip
+    print(f"idle: RSS {idle / MiB:.1f} MiB vs planned {planned_idle / MiB:.1f} MiB "
+          f"(x{report['idle_over_planned_idle']:.3f})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
