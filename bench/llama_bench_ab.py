@@ -27,6 +27,7 @@ from typing import Any
 def run_bench(binary: Path, model: Path, threads: int, extra: list[str]) -> dict[str, float]:
     """tokens/s per test name, e.g. ``pp512`` or ``tg128@d2048``."""
     cmd = [str(binary), "-m", str(model), "-t", str(threads), "-o", "json", *extra]
+    # not velollm_patch.proc.run: it merges stderr (llama-bench's log) into the output, and the JSON is stdout alone
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     res: dict[str, float] = {}
     for row in json.loads(out):

@@ -3,8 +3,8 @@
 
 The plan's memory figure is the worst case the budget must hold: weights + a KV cache with every slot full +
 compute buffers (by ``llama-fit-params``, the build's own dry run, or arithmetic from GGUF metadata). This script
-starts the current build with the plan (``velollm_patch.tune.plan_for``), reads the RSS of the server process
-idle, then fills every slot to its planned context with concurrent requests (one per slot, ``id_slot``), samples
+starts an installed build (``--build``, default: the newest patched one) with the plan
+(``velollm_patch.tune.plan_for``, no draft model), reads the RSS of the server process idle, then fills every slot to its planned context with concurrent requests (one per slot, ``id_slot``), samples
 the RSS while they run, and reports measured / planned at that point. With on-demand KV (patch 0002) the idle
 server holds weights + compute only, so the idle RSS is also compared with ``total - kv``.
 
@@ -19,47 +19,17 @@ import concurrent.futures
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from kv_memory import fill_text  # bench/kv_memory.py, beside this script
+
 from velollm_patch import builds, hardware, serve, tune
+from velollm_patch.bench.metrics import MemorySampler
 from velollm_patch.paths import get_paths
 
 MiB = 1024 * 1024
-FILL_TEXT = (
-    "In the quiet valley the river ran slowly past the old mill, and the miller counted the sacks of "
-    "grain one by one while the children played by the water. "
-)
-
-
-class PeakRss:
-    """Samples a process's RSS every 50 ms in a thread; ``peak`` is the largest value seen."""
-
-    def __init__(self, server: serve.RunningServer) -> None:
-        self.server = server
-        self.peak = server.rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.server.rss_bytes())
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.server.rss_bytes())
-
-
-def fill_prompt(server: serve.RunningServer, n_tokens: int, slot: int) -> str:
-    per_chunk = len(server.tokenize(FILL_TEXT))
-    return f"Story {slot}. " + FILL_TEXT * max(1, n_tokens // per_chunk)
 
 
 def main() -> int:
@@ -93,13 +63,19 @@ def main() -> int:
         idle = server.rss_bytes()
         # every slot asks for its whole planned context: prompt + n_predict (a few tokens of headroom)
         n_prompt = s.ctx_per_slot - args.n_predict - 8
-        prompts = [fill_prompt(server, n_prompt, i) for i in range(s.slots)]
+        prompts = [f"Story {i}. " + fill_text(server, n_prompt) for i in range(s.slots)]
+        sampler = MemorySampler(lambda: [server.pid], interval_s=0.05)
+        sampler.start()
         t0 = time.monotonic()
-        with PeakRss(server) as peak, concurrent.futures.ThreadPoolExecutor(s.slots) as pool:
-            futures = [pool.submit(serve.complete, server, p, args.n_predict, timeout=3600, id_slot=i,
-                                   cache_prompt=True) for i, p in enumerate(prompts)]  # fmt: skip
-            results = [f.result() for f in futures]
-        fill_s = time.monotonic() - t0
+        try:
+            with concurrent.futures.ThreadPoolExecutor(s.slots) as pool:
+                futures = [pool.submit(serve.complete, server, p, args.n_predict, timeout=3600, id_slot=i,
+                                       cache_prompt=True) for i, p in enumerate(prompts)]  # fmt: skip
+                results = [f.result() for f in futures]
+            fill_s = time.monotonic() - t0
+            peak_rss = sampler.peaks()[0] or server.rss_bytes()
+        finally:
+            sampler.stop()
         held = sum(int(r["timings"]["prompt_n"]) + int(r["timings"]["predicted_n"]) for r in results)
         metrics = server.metrics() if "--metrics" in plan.args else {}
     finally:
@@ -113,16 +89,16 @@ def main() -> int:
         "tokens_planned": s.ctx_per_slot * s.slots,
         "fill_s": fill_s,
         "idle_rss_bytes": idle,
-        "full_peak_rss_bytes": peak.peak,
+        "full_peak_rss_bytes": peak_rss,
         "planned_total_bytes": mem.total_bytes,
         "planned_idle_bytes": planned_idle,
-        "full_over_planned": peak.peak / mem.total_bytes,
+        "full_over_planned": peak_rss / mem.total_bytes,
         "idle_over_planned_idle": idle / planned_idle,
         "kv_committed_bytes": metrics.get("kv_committed_bytes"),
     }
     args.out.write_text(json.dumps(report, indent=2))
     print(f"tokens held {held} of {s.ctx_per_slot * s.slots} planned ({fill_s:.0f} s)")
-    print(f"full: RSS {peak.peak / MiB:.1f} MiB vs planned {mem.total_bytes / MiB:.1f} MiB "
+    print(f"full: RSS {peak_rss / MiB:.1f} MiB vs planned {mem.total_bytes / MiB:.1f} MiB "
           f"(x{report['full_over_planned']:.3f})")  # fmt: skip
     print(f"idle: RSS {idle / MiB:.1f} MiB vs planned {planned_idle / MiB:.1f} MiB "
           f"(x{report['idle_over_planned_idle']:.3f})")  # fmt: skip
