@@ -2,11 +2,12 @@
 """Benchmark: the tuner's planned memory against the server's measured RSS (issue #6).
 
 The plan's memory figure is the worst case the budget must hold: weights + a KV cache with every slot full +
-compute buffers (by ``llama-fit-params``, the build's own dry run, or arithmetic from GGUF metadata). This script
-starts an installed build (``--build``, default: the newest patched one) with the plan
-(``velollm_patch.tune.plan_for``, no draft model), reads the RSS of the server process idle, then fills every slot to its planned context with concurrent requests (one per slot, ``id_slot``), samples
-the RSS while they run, and reports measured / planned at that point. With on-demand KV (patch 0002) the idle
-server holds weights + compute only, so the idle RSS is also compared with ``total - kv``.
+compute buffers (by ``llama-fit-params``, the build's own dry run, or arithmetic from GGUF metadata). This
+script starts an installed build (``--build``, default: the newest patched one) with the plan
+(``velollm_patch.tune.plan_for``, no draft model), reads the RSS of the server process idle, then fills every
+slot to its planned context with concurrent requests (one per slot, ``id_slot``), samples the RSS while they
+run, and reports measured / planned at that point. With on-demand KV (patch 0002) the idle server holds weights
++ compute only, so the idle RSS is also compared with ``total - kv``.
 
     python bench/plan_memory.py --model smollm2-135m --workload chat --out plan-memory.json
     python bench/plan_memory.py --model smollm2-135m --workload chat --ctx 2048 --slots 2 --out small.json
