@@ -6,8 +6,10 @@ compute buffers (by ``llama-fit-params``, the build's own dry run, or arithmetic
 script starts an installed build (``--build``, default: the newest patched one) with the plan
 (``velollm_patch.tune.plan_for``, no draft model), reads the RSS of the server process idle, then fills every
 slot to its planned context with concurrent requests (one per slot, ``id_slot``), samples the RSS while they
-run, and reports measured / planned at that point. With on-demand KV (patch 0002) the idle server holds weights
-+ compute only, so the idle RSS is also compared with ``total - kv``.
+run, and reports measured / planned at that point. For a sliding-window model every slot is filled in as many
+growing turns as it takes to make the planned number of context checkpoints (two per completion), so that they
+too are at their worst case. With on-demand KV (patch 0002) the idle server holds no KV and no checkpoints, so
+the idle RSS is also compared with ``total - kv - checkpoints``.
 
     python bench/plan_memory.py --model smollm2-135m --workload chat --out plan-memory.json
     python bench/plan_memory.py --model smollm2-135m --workload chat --ctx 2048 --slots 2 --out small.json
@@ -65,27 +67,32 @@ def main() -> int:
         # every slot asks for its whole planned context: prompt + n_predict (a few tokens of headroom)
         n_prompt = s.ctx_per_slot - args.n_predict - 8
         prompts = [f"Story {i}. " + fill_text(server, n_prompt) for i in range(s.slots)]
+        # each turn extends the previous one's prompt, as a conversation does, so its checkpoints stay valid
+        turns = max(1, -(-(s.ctx_checkpoints or 0) // 2))
         sampler = MemorySampler(lambda: [server.pid], interval_s=0.05)
         sampler.start()
         t0 = time.monotonic()
         try:
             with concurrent.futures.ThreadPoolExecutor(s.slots) as pool:
-                futures = [pool.submit(serve.complete, server, p, args.n_predict, timeout=3600, id_slot=i,
-                                       cache_prompt=True) for i, p in enumerate(prompts)]  # fmt: skip
-                results = [f.result() for f in futures]
+                for turn in range(1, turns + 1):
+                    cut = [p[: len(p) * turn // turns] for p in prompts]
+                    futures = [pool.submit(serve.complete, server, p, args.n_predict, timeout=3600, id_slot=i,
+                                           cache_prompt=True) for i, p in enumerate(cut)]  # fmt: skip
+                    results = [f.result() for f in futures]
             fill_s = time.monotonic() - t0
             peak_rss = sampler.peaks()[0] or server.rss_bytes()
         finally:
             sampler.stop()
-        held = sum(int(r["timings"]["prompt_n"]) + int(r["timings"]["predicted_n"]) for r in results)
+        held = sum(int(r["timings"].get(k, 0)) for r in results for k in ("cache_n", "prompt_n", "predicted_n"))
         metrics = server.metrics() if "--metrics" in plan.args else {}
     finally:
         server.stop()
 
-    planned_idle = mem.total_bytes - (mem.kv_bytes if mem.kv_on_demand else 0)
+    planned_idle = mem.total_bytes - mem.checkpoint_bytes - (mem.kv_bytes if mem.kv_on_demand else 0)
     report: dict[str, Any] = {
         "argv": sys.argv,
         "plan": plan.to_dict(),
+        "turns": turns,
         "tokens_held": held,
         "tokens_planned": s.ctx_per_slot * s.slots,
         "fill_s": fill_s,

@@ -197,6 +197,10 @@ def test_gemma3_swa(gemma3_gguf: Path) -> None:
     # unified with 4 slots: the SWA part is shared, so it holds 4 windows
     assert info.kv_bytes(32768, n_slots=4) == 3 * per_cell * 32768 + 15 * per_cell * 2560
     assert info.kv_bytes(32768, swa_full=True) == 18 * per_cell * 32768
+    # a server context checkpoint holds the SWA layers' last n_swa cells (llama-server logs 7.506 MiB with f16)
+    assert info.swa_checkpoint_bytes() == 15 * per_cell * 512 == int(7.5 * 1024 * 1024)
+    assert info.swa_checkpoint_bytes("q8_0", "q8_0") == 15 * 2 * 256 // 32 * 34 * 512
+    assert 0 < info.tensor_bytes < info.file_size
     assert info.vocab is not None and info.vocab.type == "SPM" and info.vocab.n_tokens == 262144
 
 

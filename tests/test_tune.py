@@ -28,13 +28,19 @@ from velollm_patch.model import ModelInfo, find_draft_candidates, inspect_model
 from velollm_patch.paths import Paths
 from velollm_patch.server_flags import ServerFlags, parse_help, read_server_flags
 from velollm_patch.tune import (
+    RUNTIME_BASE_BYTES,
+    VOCAB_HEAP_BYTES_PER_TOKEN,
     BuildFacts,
     Plan,
+    Speculation,
     TuneRequest,
+    _fit_wanted,
     best_draft_length,
     expected_speedup,
+    fit_print,
     kv_pair_problem,
     plan,
+    server_outputs,
 )
 
 HELP_EXCERPT = """\
@@ -74,6 +80,10 @@ HELP_EXCERPT = """\
                                         (env: LLAMA_ARG_N_GPU_LAYERS)
 -m,    --model FNAME                    model path to load
                                         (env: LLAMA_ARG_MODEL)
+-ctxcp, --ctx-checkpoints, --swa-checkpoints N
+                                        max number of context checkpoints to create per slot (default:
+                                        32)[(more info)](https://github.com/ggml-org/llama.cpp/pull/15293)
+                                        (env: LLAMA_ARG_CTX_CHECKPOINTS)
 
 
 ----- speculative params -----
@@ -266,6 +276,36 @@ def test_cpu_2core_box(smollm2: ModelInfo, flags: ServerFlags) -> None:
     assert p.not_applied == ()
 
 
+def test_plan_memory_counts_what_the_server_holds(smollm2: ModelInfo, gemma3: ModelInfo, flags: ServerFlags) -> None:
+    hw = recorded_hardware("cpu-2core")
+    # SmolLM2 has no sliding window: no checkpoints are made, so none are planned or set.
+    p = plan(smollm2, hw, facts(flags, "cpu"))
+    assert p.settings.ctx_checkpoints is None and "--ctx-checkpoints" not in p.args
+    assert p.memory.checkpoint_bytes == 0
+    assert p.memory.runtime_bytes == RUNTIME_BASE_BYTES + VOCAB_HEAP_BYTES_PER_TOKEN * 49152
+    # gemma3 (SWA): the slots' checkpoints are bounded and counted, each a copy of 15 layers x 512 cells
+    g = plan(gemma3, hw, facts(flags, "cpu"))
+    assert arg(g, "--ctx-checkpoints") == "4" and "upstream keeps up to 32" in reason(g, "ctx_checkpoints")
+    assert g.memory.checkpoint_bytes == 4 * 4 * gemma3.swa_checkpoint_bytes()
+    m = g.memory
+    parts = m.weights_bytes + m.kv_bytes + m.compute_bytes + m.draft_bytes + m.checkpoint_bytes + m.runtime_bytes
+    assert m.total_bytes == parts + m.repack_bytes
+    assert "checkpoints" in "\n".join(g.describe())
+    # the memory profile keeps only the last request's two
+    assert arg(plan(gemma3, hw, facts(flags, "cpu"), TuneRequest(profile="memory")), "--ctx-checkpoints") == "2"
+    # the compute estimate reserves logits for the 4 slots' outputs, not for the whole 512-token ubatch
+    assert m.compute_bytes < 4 * 512 * 262144
+
+
+def test_server_outputs_follow_the_server_limits() -> None:
+    assert server_outputs(None, 4, 2048) == 4
+    assert server_outputs(Speculation(("ngram-mod",)), 4, 2048) == 4 * 65
+    assert server_outputs(Speculation(("ngram-mod",)), 64, 2048) == 2048  # at most a batch
+    assert server_outputs(Speculation(("draft-simple",), draft_n_max=5), 2, 2048) == 2 * 6
+    # an adaptive draft model may draft up to 16 tokens whatever its starting length
+    assert server_outputs(Speculation(("draft-simple",), draft_n_max=5, adaptive_flag="--spec-adaptive"), 2, 2048) == 34
+
+
 def test_cpu_box_with_little_ram_fails_clearly(smollm2: ModelInfo, flags: ServerFlags) -> None:
     hw = recorded_hardware("cpu-2core")
     tiny = dataclasses.replace(hw, memory=dataclasses.replace(hw.memory, available_bytes=1 * GiB + 64 * MiB))
@@ -322,7 +362,7 @@ def test_cuda_memory_profile_respects_the_compiled_pairs(smollm2: ModelInfo, fla
 
 def test_partial_offload_from_arithmetic(gemma3: ModelInfo, flags: ServerFlags) -> None:
     hw = recorded_hardware("rtx3060")
-    gpu = dataclasses.replace(hw.gpus[0], vram_free_bytes=1024 * MiB + 600 * MiB)
+    gpu = dataclasses.replace(hw.gpus[0], vram_free_bytes=1024 * MiB + 200 * MiB)
     small = dataclasses.replace(hw, gpus=(gpu,))
     p = plan(gemma3, small, facts(flags, "cuda"))
     layers = int(arg(p, "--gpu-layers") or "-1")
@@ -471,6 +511,25 @@ def test_memory_oracle_on_the_real_build(
     expected = smollm2.kv_bytes(s.ctx_total, s.slots, s.cache_type_k, s.cache_type_v)
     assert abs(p.memory.kv_bytes - expected) <= MiB
     assert p.memory.weights_bytes > 0 and p.memory.compute_bytes > 0
+
+
+@pytest.mark.slow
+def test_memory_oracle_estimates_the_servers_buffers(
+    real_facts: BuildFacts, gemma3: ModelInfo, live_hardware: HardwareInfo
+) -> None:
+    """Patch 0003: the dry run takes -kvu and reserves logits for the slots' outputs, as llama-server does."""
+    p = plan(gemma3, live_hardware, real_facts, TuneRequest(ctx=4096, slots=4))
+    assert p.memory.method == "llama-fit-params" and p.settings.kv_unified
+    s = p.settings
+    # unified: the SWA layers share one window pool of PAD(4 x 512 + 512) cells
+    expected = gemma3.kv_bytes(s.ctx_total, s.slots, s.cache_type_k, s.cache_type_v, n_ubatch=s.ubatch, unified=True)
+    assert abs(p.memory.kv_bytes - expected) <= MiB
+    wanted = [w for w in _fit_wanted(s) if w[0] != "--fit-outputs"]
+    whole_batch = fit_print(real_facts, gemma3.path, [*wanted, ("--fit-outputs", "0")])
+    # a whole ubatch of 262,144-wide logits rows (512 MiB) against the four rows the server reserves
+    assert sum(r.compute for r in whole_batch) >= 512 * MiB > 8 * p.memory.compute_bytes
+    # the repacked copies of CPU weights are counted beside their mapped originals
+    assert p.memory.repack_bytes > 0 and p.memory.weights_bytes == gemma3.tensor_bytes
 
 
 @pytest.mark.slow

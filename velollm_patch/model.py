@@ -663,6 +663,8 @@ class ModelInfo:
     """``general.name``, or the file name when the header has none."""
     n_params: int
     """Sum of the element counts of all tensors."""
+    tensor_bytes: int
+    """Bytes of tensor data (what llama.cpp maps); the rest of the file is the header."""
     file_type: str | None
     """``general.file_type`` as llama.cpp names it (Q4_K_M, F16, ...); None when absent."""
     tensor_type: str | None
@@ -774,6 +776,18 @@ class ModelInfo:
             total += row * (cells_swa if self.swa_layers[il] else cells) * n_stream
         return total
 
+    def swa_checkpoint_bytes(self, type_k: str = "f16", type_v: str = "f16") -> int:
+        """Bytes of one llama-server context checkpoint of a sequence: the SWA layers' last ``n_swa`` cells,
+        the part of the cache that cannot be rolled back (``LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY``); 0 without SWA.
+        Measured on gemma3-270m with f16 K/V: 7.506 MiB, the 512 cells of its 15 SWA layers."""
+        (bk, sk), (bv, sv) = self._kv_types(type_k, type_v)
+        total = 0
+        for il in range(self.n_layers):
+            if self.swa_layers[il]:
+                dk, dv = self._head_dims(il)
+                total += (self.n_head_kv[il] * dk // bk * sk + self.n_head_kv[il] * dv // bv * sv) * self.n_swa
+        return total
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (token texts and the chat template's body are left out)."""
         return {
@@ -783,6 +797,7 @@ class ModelInfo:
             "architecture": self.architecture,
             "name": self.name,
             "n_params": self.n_params,
+            "tensor_bytes": self.tensor_bytes,
             "file_type": self.file_type,
             "tensor_type": self.tensor_type,
             "n_layers": self.n_layers,
@@ -873,6 +888,7 @@ def _build_info(path: Path, header: _Header) -> ModelInfo:
         architecture=arch,
         name=_printable(meta.string("general.name") or path.name),
         n_params=sum(t.n_elements for t in header.tensors),
+        tensor_bytes=sum(t.n_bytes for t in header.tensors),
         file_type=None if file_type is None else _file_type_name(meta.uint("general.file_type")),
         tensor_type=(str(GGMLQuantizationType(weights.most_common(1)[0][0]).name) if weights else None),
         n_layers=n_layers,

@@ -77,6 +77,20 @@ MIN_DRAFT_SPEEDUP = 1.1
 DRAFT_P_MIN = 0.75
 # n-gram types in the order we prefer them (reference §3.1: ngram-mod is the one --spec-default picks).
 NGRAM_TYPES = ("ngram-mod", "ngram-map-k", "ngram-simple")
+# Tokens a step may draft, per speculative type, as llama-server reserves output rows for them
+# (common_speculative_n_max with common.h's defaults; an adaptive draft model may draft up to 16).
+SPEC_TYPE_DRAFT_TOKENS = {"ngram-mod": 64, "ngram-map-k": 48, "ngram-map-k4v": 48, "ngram-simple": 48, "ngram-cache": 8}
+ADAPTIVE_DRAFT_CAP = 16
+# Context checkpoints per slot for models with a sliding window (llama-server keeps up to 32, each a copy of
+# the SWA layers' last n_swa cells; every completion adds two near the end of its prompt, so 2 keep the last
+# request restorable and each further pair one more).
+CTX_CHECKPOINTS = {"memory": 2, "balanced": 4, "quality": 8, "speed": 8}
+UPSTREAM_CTX_CHECKPOINTS = 32
+# What a running llama-server holds besides its buffers, read from /proc/PID/smaps on the CPU build
+# (BENCHMARKS.md, "planned vs measured"): code pages, libraries, thread stacks and heap, plus the
+# vocabulary's token texts, scores and lookup maps (~150 bytes a token).
+RUNTIME_BASE_BYTES = 20 * MiB
+VOCAB_HEAP_BYTES_PER_TOKEN = 150
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,11 +204,16 @@ class Settings:
     cache_ram_mib: int | None
     """None: upstream's prompt-cache default."""
     speculation: Speculation | None
+    ctx_checkpoints: int | None = None
+    """Context checkpoints per slot; None (models without SWA): upstream's default, and none are made."""
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """What the server holds with every slot full, by part; ``device_bytes + host_bytes`` is the sum of them."""
+
     weights_bytes: int
+    """The mapped tensor data (on a GPU, the offloaded share lives on the device)."""
     kv_bytes: int
     compute_bytes: int
     draft_bytes: int
@@ -205,6 +224,12 @@ class MemoryEstimate:
     """``llama-fit-params`` (the build's own dry run) or ``arithmetic`` (from GGUF metadata)."""
     kv_on_demand: bool
     """KV pages are committed as tokens arrive, so an idle server holds far less than ``kv_bytes``."""
+    repack_bytes: int = 0
+    """Repacked copies of CPU weights (CPU_REPACK; the mapped originals stay resident too)."""
+    checkpoint_bytes: int = 0
+    """SWA context checkpoints of all slots at their planned count."""
+    runtime_bytes: int = 0
+    """Code, libraries, threads and heap (the vocabulary's included): host memory no buffer shows."""
 
     @property
     def total_bytes(self) -> int:
@@ -269,8 +294,10 @@ class Plan:
         lines += [f"  not applied: {n}" for n in self.not_applied]
         m = self.memory
         parts = f"weights {_mib(m.weights_bytes)} + KV {_mib(m.kv_bytes)} + compute {_mib(m.compute_bytes)}"
-        if m.draft_bytes:
-            parts += f" + draft {_mib(m.draft_bytes)}"
+        for label, n in (("repacked", m.repack_bytes), ("checkpoints", m.checkpoint_bytes),
+                         ("draft", m.draft_bytes), ("runtime", m.runtime_bytes)):  # fmt: skip
+            if n:
+                parts += f" + {label} {_mib(n)}"
         where = f"device {_mib(m.device_bytes)}, host {_mib(m.host_bytes)}" if m.device_bytes else "host"
         lines.append(f"  memory: {parts} = {_mib(m.total_bytes)} ({where}; by {m.method})")
         if m.kv_on_demand:
@@ -411,14 +438,41 @@ def fit_layers(build: BuildFacts, model: Path, wanted: Sequence[tuple[str, str |
     return _Fitted(int(match.group(2)), match.group(3), match.group(4))
 
 
-def compute_bytes_estimate(model: ModelInfo, ubatch: int, ctx_total: int, flash_attn: bool) -> int:
-    """A compute-buffer estimate from metadata: the f32 logits of a whole ubatch dominate it (the
-    dry runs of SmolLM2 and Gemma 3 put the rest at a few embedding rows per token), plus, without
-    flash attention, the score matrix over the whole context."""
+def server_outputs(spec: Speculation | None, slots: int, batch: int) -> int:
+    """Logits rows llama-server reserves per batch: one per slot plus its longest draft
+    (server_output_limits), at most a batch."""
+    n_draft = 0
+    for t in spec.types if spec else ():
+        if t == "draft-simple" and spec is not None:
+            n_max = spec.draft_n_max or 3
+            n_draft = max(n_draft, max(n_max, ADAPTIVE_DRAFT_CAP) if spec.adaptive_flag else n_max)
+        else:
+            n_draft = max(n_draft, SPEC_TYPE_DRAFT_TOKENS.get(t, 0))
+    return min(batch, slots * (1 + n_draft))
+
+
+def compute_bytes_estimate(model: ModelInfo, ubatch: int, ctx_total: int, flash_attn: bool, outputs: int) -> int:
+    """A compute-buffer estimate from metadata: the f32 logits of the ``outputs`` rows (a whole ubatch
+    when llama-server does not limit them) and a few embedding rows per token of the ubatch (what the
+    dry runs of SmolLM2 and Gemma 3 show), plus, without flash attention, the score matrix over the
+    whole context."""
     n_vocab = model.vocab.n_tokens if model.vocab else 0
-    activations = 4 * ubatch * (n_vocab + 4 * model.n_embd)
+    activations = 4 * (min(ubatch, outputs) * n_vocab + ubatch * 4 * model.n_embd)
     scores = 0 if flash_attn else 4 * ubatch * ctx_total * max(1, model.n_head)
     return activations + scores
+
+
+def runtime_bytes_estimate(model: ModelInfo) -> int:
+    n_vocab = model.vocab.n_tokens if model.vocab else 0
+    return RUNTIME_BASE_BYTES + VOCAB_HEAP_BYTES_PER_TOKEN * n_vocab
+
+
+def checkpoint_bytes_estimate(model: ModelInfo, s: Settings) -> int:
+    """SWA context checkpoints at their planned count in every slot (speculation adds none: SWA caches
+    roll rejected drafts back in place)."""
+    if not model.has_swa or s.ctx_checkpoints is None:
+        return 0
+    return s.slots * s.ctx_checkpoints * model.swa_checkpoint_bytes(s.cache_type_k, s.cache_type_v)
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,6 +631,19 @@ class _Planner:
         self.note("batch", f"-b {batch} -ub {ub}", why)
         return batch, ub
 
+    def checkpoints(self) -> int | None:
+        """Context checkpoints per slot; only sliding-window models make them."""
+        if not self.model.has_swa:
+            return None
+        n = CTX_CHECKPOINTS[self.req.profile]
+        size = self.model.swa_checkpoint_bytes()
+        self.note(
+            "ctx_checkpoints", n,
+            f"each is a {size / MiB:.1f} MiB copy of the sliding-window layers (f16); upstream keeps up to "
+            f"{UPSTREAM_CTX_CHECKPOINTS} a slot, and {n} keep the last {n // 2} request(s) of a slot restorable",
+        )
+        return n
+
     def kv_on_demand(self, flash_attn: bool) -> bool:
         if not self.build.has_patch(KV_ON_DEMAND_PATCH):
             return False
@@ -714,6 +781,8 @@ def _arg_table(s: Settings) -> list[tuple[str, tuple[str, ...], str | None]]:
         rows.append(("kv_on_demand", ("--kv-on-demand",), None))
     if s.cache_ram_mib is not None:
         rows.append(("cache_ram", ("--cache-ram", "-cram"), str(s.cache_ram_mib)))
+    if s.ctx_checkpoints is not None:
+        rows.append(("ctx_checkpoints", ("--ctx-checkpoints", "-ctxcp", "--swa-checkpoints"), str(s.ctx_checkpoints)))
     spec = s.speculation
     if spec is not None:
         rows.append(("spec_type", ("--spec-type",), ",".join(spec.types)))
@@ -765,6 +834,8 @@ def _fit_wanted(s: Settings) -> list[tuple[str, str | None]]:
         ("-c", str(s.ctx_total)), ("-np", str(s.slots)), ("-fa", "on" if s.flash_attn else "off"),
         ("-ctk", s.cache_type_k), ("-ctv", s.cache_type_v), ("-b", str(s.batch)), ("-ub", str(s.ubatch)),
         ("-t", str(s.threads)),
+        # patch 0003: estimate the compute buffer for the logits rows the server reserves, not a whole ubatch
+        ("--fit-outputs", str(server_outputs(s.speculation, s.slots, s.batch))),
     ]
     if s.kv_unified and s.slots > 1:
         wanted.append(("-kvu", None))
@@ -793,15 +864,23 @@ def _arithmetic_memory(model: ModelInfo, s: Settings, backend: str, on_demand: b
     kv = model.kv_bytes(
         s.ctx_total, s.slots, s.cache_type_k, s.cache_type_v, n_ubatch=s.ubatch, unified=s.kv_unified or s.slots == 1,
     )
-    compute = compute_bytes_estimate(model, s.ubatch, s.ctx_total, s.flash_attn)
+    compute = compute_bytes_estimate(
+        model, s.ubatch, s.ctx_total, s.flash_attn, server_outputs(s.speculation, s.slots, s.batch),
+    )
     weights = model.file_size
     draft = _draft_bytes(s)
+    checkpoints = checkpoint_bytes_estimate(model, s)
+    runtime = runtime_bytes_estimate(model)
     device = 0
     if backend != "cpu" and s.gpu_layers:
         share = min(1.0, s.gpu_layers / (model.n_layers + 1))
         device = int((weights + kv + draft) * share) + compute
-    total = weights + kv + compute + draft
-    return MemoryEstimate(weights, kv, compute, draft, device, total - device, "arithmetic", on_demand)
+    total = weights + kv + compute + draft + checkpoints + runtime
+    return MemoryEstimate(
+        weights_bytes=weights, kv_bytes=kv, compute_bytes=compute, draft_bytes=draft, device_bytes=device,
+        host_bytes=total - device, method="arithmetic", kv_on_demand=on_demand, checkpoint_bytes=checkpoints,
+        runtime_bytes=runtime,
+    )
 
 
 def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: bool) -> MemoryEstimate | None:
@@ -815,13 +894,28 @@ def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: 
     compute = sum(r.compute for r in rows)
     device = sum(r.model + r.context + r.compute for r in rows if r.name != "Host")
     host = sum(r.model + r.context + r.compute for r in rows if r.name == "Host")
+    repack = 0
+    if device == 0:
+        # The dry run counts the CPU_REPACK copies of the weights it repacks in no row, and counts their
+        # mapped originals out of the model row; both are resident (the originals are read to repack them).
+        repack = model.tensor_bytes - weights
+        repack = repack if repack >= MiB else 0  # the rows are whole MiB: less is rounding, not repacking
+        weights += repack
+        host += 2 * repack
     draft = _draft_bytes(s)
     # The draft goes where the target's layers go (-ngld all on a GPU build).
     if s.gpu_layers:
         device += draft
     else:
         host += draft
-    return MemoryEstimate(weights, kv, compute, draft, device, host, "llama-fit-params", on_demand)
+    checkpoints = checkpoint_bytes_estimate(model, s)
+    runtime = runtime_bytes_estimate(model)
+    host += checkpoints + runtime
+    return MemoryEstimate(
+        weights_bytes=weights, kv_bytes=kv, compute_bytes=compute, draft_bytes=draft, device_bytes=device,
+        host_bytes=host, method="llama-fit-params", kv_on_demand=on_demand, repack_bytes=repack,
+        checkpoint_bytes=checkpoints, runtime_bytes=runtime,
+    )
 
 
 def plan(model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneRequest | None = None) -> Plan:
@@ -836,12 +930,15 @@ def plan(model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneReq
     ctx_total, unified = p.pool(ctx, slots, on_demand)
     batch, ubatch = p.batches(backend)
     spec = p.speculation()
+    checkpoints = p.checkpoints()
     weights = model.file_size + (spec.draft.info.file_size if spec and spec.draft else 0)
-    compute = compute_bytes_estimate(model, ubatch, ctx_total, flash_attn)
+    compute = compute_bytes_estimate(model, ubatch, ctx_total, flash_attn, server_outputs(spec, slots, batch))
     budget = p.device_budget() if backend != "cpu" else p.host_budget()
 
     def fits(k: str, v: str) -> bool:
         kv = model.kv_bytes(ctx_total, slots, k, v, n_ubatch=ubatch, unified=unified or slots == 1)
+        if checkpoints is not None and backend == "cpu":  # checkpoints are host copies, also on a GPU build
+            kv += slots * checkpoints * model.swa_checkpoint_bytes(k, v)
         # With on-demand KV a full reservation is the worst case, not the start-up cost, but the
         # budget must still hold it when every slot fills up.
         return weights + kv + compute <= budget
@@ -858,7 +955,7 @@ def plan(model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneReq
         threads=1, threads_batch=1, gpu_layers=None, tensor_split=None, tensor_overrides=None,
         ctx_per_slot=ctx, slots=slots, ctx_total=ctx_total, kv_unified=unified, cache_type_k=type_k,
         cache_type_v=type_v, flash_attn=flash_attn, batch=batch, ubatch=ubatch, kv_on_demand=on_demand,
-        cache_ram_mib=0 if req.profile == "memory" else None, speculation=spec,
+        cache_ram_mib=0 if req.profile == "memory" else None, speculation=spec, ctx_checkpoints=checkpoints,
     )
     if settings.cache_ram_mib == 0:
         p.note("cache_ram", "0", "no host-RAM prompt cache: idle slots do not keep copies of their KV")
@@ -904,7 +1001,8 @@ def _offload(p: _Planner, model: ModelInfo, s: Settings, fits_fully: bool) -> tu
         return replace(s, gpu_layers=n_offloadable), True
     kv = model.kv_bytes(s.ctx_total, s.slots, s.cache_type_k, s.cache_type_v, n_ubatch=s.ubatch, unified=s.kv_unified)
     per_layer = (model.file_size + kv) / n_offloadable
-    room = p.device_budget() - compute_bytes_estimate(model, s.ubatch, s.ctx_total, s.flash_attn)
+    outputs = server_outputs(s.speculation, s.slots, s.batch)
+    room = p.device_budget() - compute_bytes_estimate(model, s.ubatch, s.ctx_total, s.flash_attn, outputs)
     ngl = max(0, min(n_offloadable, math.floor(room / per_layer))) if per_layer > 0 else 0
     p.note(
         "gpu_layers", ngl,
