@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import sys
 import tempfile
 import time
@@ -68,7 +69,7 @@ def main() -> int:
         n_prompt = s.ctx_per_slot - args.n_predict - 8
         prompts = [f"Story {i}. " + fill_text(server, n_prompt) for i in range(s.slots)]
         # each turn extends the previous one's prompt, as a conversation does, so its checkpoints stay valid
-        turns = max(1, -(-(s.ctx_checkpoints or 0) // 2))
+        turns = max(1, math.ceil((s.ctx_checkpoints or 0) / 2))
         sampler = MemorySampler(lambda: [server.pid], interval_s=0.05)
         sampler.start()
         t0 = time.monotonic()

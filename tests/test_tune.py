@@ -291,8 +291,14 @@ def test_plan_memory_counts_what_the_server_holds(smollm2: ModelInfo, gemma3: Mo
     parts = m.weights_bytes + m.kv_bytes + m.compute_bytes + m.draft_bytes + m.checkpoint_bytes + m.runtime_bytes
     assert m.total_bytes == parts + m.repack_bytes
     assert "checkpoints" in "\n".join(g.describe())
-    # the memory profile keeps only the last request's two
-    assert arg(plan(gemma3, hw, facts(flags, "cpu"), TuneRequest(profile="memory")), "--ctx-checkpoints") == "2"
+    assert "7.5 MiB copy" in reason(g, "ctx_checkpoints")
+    # the memory profile keeps only the last request's two, each the size of its smaller KV types
+    small = plan(gemma3, hw, facts(flags, "cpu"), TuneRequest(profile="memory"))
+    assert arg(small, "--ctx-checkpoints") == "2"
+    k, v = small.settings.cache_type_k, small.settings.cache_type_v
+    assert (k, v) != ("f16", "f16")
+    assert f"{gemma3.swa_checkpoint_bytes(k, v) / MiB:.1f} MiB copy" in reason(small, "ctx_checkpoints")
+    assert small.memory.checkpoint_bytes == 1 * 2 * gemma3.swa_checkpoint_bytes(k, v)
     # the compute estimate reserves logits for the 4 slots' outputs, not for the whole 512-token ubatch
     assert m.compute_bytes < 4 * 512 * 262144
 

@@ -771,22 +771,21 @@ class ModelInfo:
             cells_swa = _pad(min(cells, self.n_swa * sharing + n_ubatch), KV_CELL_PAD)
         total = 0
         for il in range(self.n_layers):
-            dk, dv = self._head_dims(il)
-            row = self.n_head_kv[il] * dk // bk * sk + self.n_head_kv[il] * dv // bv * sv
+            row = self._cell_bytes(il, (bk, sk), (bv, sv))
             total += row * (cells_swa if self.swa_layers[il] else cells) * n_stream
         return total
+
+    def _cell_bytes(self, il: int, k: tuple[int, int], v: tuple[int, int]) -> int:
+        """K + V bytes of one cell of layer ``il``, for (block size, bytes per block) types ``k`` and ``v``."""
+        dk, dv = self._head_dims(il)
+        return self.n_head_kv[il] * dk // k[0] * k[1] + self.n_head_kv[il] * dv // v[0] * v[1]
 
     def swa_checkpoint_bytes(self, type_k: str = "f16", type_v: str = "f16") -> int:
         """Bytes of one llama-server context checkpoint of a sequence: the SWA layers' last ``n_swa`` cells,
         the part of the cache that cannot be rolled back (``LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY``); 0 without SWA.
         Measured on gemma3-270m with f16 K/V: 7.506 MiB, the 512 cells of its 15 SWA layers."""
-        (bk, sk), (bv, sv) = self._kv_types(type_k, type_v)
-        total = 0
-        for il in range(self.n_layers):
-            if self.swa_layers[il]:
-                dk, dv = self._head_dims(il)
-                total += (self.n_head_kv[il] * dk // bk * sk + self.n_head_kv[il] * dv // bv * sv) * self.n_swa
-        return total
+        k, v = self._kv_types(type_k, type_v)
+        return sum(self._cell_bytes(il, k, v) for il in range(self.n_layers) if self.swa_layers[il]) * self.n_swa
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (token texts and the chat template's body are left out)."""

@@ -632,17 +632,17 @@ class _Planner:
         return batch, ub
 
     def checkpoints(self) -> int | None:
-        """Context checkpoints per slot; only sliding-window models make them."""
-        if not self.model.has_swa:
-            return None
-        n = CTX_CHECKPOINTS[self.req.profile]
-        size = self.model.swa_checkpoint_bytes()
+        """Context checkpoints per slot; only sliding-window models make them (noted with their size by
+        ``note_checkpoints`` once the KV types are chosen)."""
+        return CTX_CHECKPOINTS[self.req.profile] if self.model.has_swa else None
+
+    def note_checkpoints(self, n: int, type_k: str, type_v: str) -> None:
+        size = self.model.swa_checkpoint_bytes(type_k, type_v)
         self.note(
             "ctx_checkpoints", n,
-            f"each is a {size / MiB:.1f} MiB copy of the sliding-window layers (f16); upstream keeps up to "
+            f"each is a {size / MiB:.1f} MiB copy of the sliding-window layers; upstream keeps up to "
             f"{UPSTREAM_CTX_CHECKPOINTS} a slot, and {n} keep the last {n // 2} request(s) of a slot restorable",
         )
-        return n
 
     def kv_on_demand(self, flash_attn: bool) -> bool:
         if not self.build.has_patch(KV_ON_DEMAND_PATCH):
@@ -945,6 +945,8 @@ def plan(model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneReq
 
     type_k, type_v, kv_why = p.kv_types(backend, flash_attn, fits)
     p.note("kv_types", f"{type_k}/{type_v}", kv_why)
+    if checkpoints is not None:
+        p.note_checkpoints(checkpoints, type_k, type_v)
     if backend == "cpu" and not fits(type_k, type_v):
         need = weights + model.kv_bytes(ctx_total, slots, type_k, type_v, n_ubatch=ubatch, unified=unified)
         raise VelollmError(
