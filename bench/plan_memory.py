@@ -8,8 +8,10 @@ script starts an installed build (``--build``, default: the newest patched one) 
 slot to its planned context with concurrent requests (one per slot, ``id_slot``), samples the RSS while they
 run, and reports measured / planned at that point. For a sliding-window model every slot is filled in as many
 growing turns as it takes to make the planned number of context checkpoints (two per completion), so that they
-too are at their worst case. With on-demand KV (patch 0002) the idle server holds no KV and no checkpoints, so
-the idle RSS is also compared with ``total - kv - checkpoints``.
+too are at their worst case. When the plan has a prompt cache (``--cache-ram``), a second set of conversations
+then fills the slots again, which saves the first set into the cache up to its planned limit. With on-demand KV
+(patch 0002) the idle server holds no KV, no checkpoints and no cached prompts, so the idle RSS is also compared
+with ``total - kv - checkpoints - prompt cache``.
 
     python bench/plan_memory.py --model smollm2-135m --workload chat --out plan-memory.json
     python bench/plan_memory.py --model smollm2-135m --workload chat --ctx 2048 --slots 2 --out small.json
@@ -70,16 +72,22 @@ def main() -> int:
         prompts = [f"Story {i}. " + fill_text(server, n_prompt) for i in range(s.slots)]
         # each turn extends the previous one's prompt, as a conversation does, so its checkpoints stay valid
         turns = max(1, math.ceil((s.ctx_checkpoints or 0) / 2))
+        # with a prompt cache, a second set of conversations takes the slots over: the first set is saved to the
+        # cache (slots go idle or start a new prompt), which then holds a copy of every slot, the planned limit
+        rounds = 2 if s.cache_ram_mib else 1
+        for i in range(s.slots, s.slots * rounds):
+            prompts.append(f"Story {i}. " + fill_text(server, n_prompt))
         sampler = MemorySampler(lambda: [server.pid], interval_s=0.05)
         sampler.start()
         t0 = time.monotonic()
         try:
             with concurrent.futures.ThreadPoolExecutor(s.slots) as pool:
-                for turn in range(1, turns + 1):
-                    cut = [p[: len(p) * turn // turns] for p in prompts]
-                    futures = [pool.submit(serve.complete, server, p, args.n_predict, timeout=3600, id_slot=i,
-                                           cache_prompt=True) for i, p in enumerate(cut)]  # fmt: skip
-                    results = [f.result() for f in futures]
+                for r in range(rounds):
+                    for turn in range(1, turns + 1):
+                        cut = [p[: len(p) * turn // turns] for p in prompts[r * s.slots : (r + 1) * s.slots]]
+                        futures = [pool.submit(serve.complete, server, p, args.n_predict, timeout=3600, id_slot=i,
+                                               cache_prompt=True) for i, p in enumerate(cut)]  # fmt: skip
+                        results = [f.result() for f in futures]
             fill_s = time.monotonic() - t0
             peak_rss = sampler.peaks()[0] or server.rss_bytes()
         finally:
@@ -89,11 +97,14 @@ def main() -> int:
     finally:
         server.stop()
 
-    planned_idle = mem.total_bytes - mem.checkpoint_bytes - (mem.kv_bytes if mem.kv_on_demand else 0)
+    planned_idle = (
+        mem.total_bytes - mem.checkpoint_bytes - mem.prompt_cache_bytes - (mem.kv_bytes if mem.kv_on_demand else 0)
+    )
     report: dict[str, Any] = {
         "argv": sys.argv,
         "plan": plan.to_dict(),
         "turns": turns,
+        "rounds": rounds,
         "tokens_held": held,
         "tokens_planned": s.ctx_per_slot * s.slots,
         "fill_s": fill_s,

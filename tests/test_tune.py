@@ -80,6 +80,10 @@ HELP_EXCERPT = """\
                                         (env: LLAMA_ARG_N_GPU_LAYERS)
 -m,    --model FNAME                    model path to load
                                         (env: LLAMA_ARG_MODEL)
+-cram, --cache-ram N                    set the maximum cache size in MiB (default: 8192, -1 - no limit, 0 -
+                                        disable)[(more
+                                        info)](https://github.com/ggml-org/llama.cpp/pull/16391)
+                                        (env: LLAMA_ARG_CACHE_RAM)
 -ctxcp, --ctx-checkpoints, --swa-checkpoints N
                                         max number of context checkpoints to create per slot (default:
                                         32)[(more info)](https://github.com/ggml-org/llama.cpp/pull/15293)
@@ -289,7 +293,7 @@ def test_plan_memory_counts_what_the_server_holds(smollm2: ModelInfo, gemma3: Mo
     assert g.memory.checkpoint_bytes == 4 * 4 * gemma3.swa_checkpoint_bytes()
     m = g.memory
     parts = m.weights_bytes + m.kv_bytes + m.compute_bytes + m.draft_bytes + m.checkpoint_bytes + m.runtime_bytes
-    assert m.total_bytes == parts + m.repack_bytes
+    assert m.total_bytes == parts + m.repack_bytes + m.prompt_cache_bytes
     assert "checkpoints" in "\n".join(g.describe())
     assert "7.5 MiB copy" in reason(g, "ctx_checkpoints")
     # the memory profile keeps only the last request's two, each the size of its smaller KV types
@@ -301,6 +305,31 @@ def test_plan_memory_counts_what_the_server_holds(smollm2: ModelInfo, gemma3: Mo
     assert small.memory.checkpoint_bytes == 1 * 2 * gemma3.swa_checkpoint_bytes(k, v)
     # the compute estimate reserves logits for the 4 slots' outputs, not for the whole 512-token ubatch
     assert m.compute_bytes < 4 * 512 * 262144
+
+
+def test_prompt_cache_holds_one_copy_of_the_slots(gemma3: ModelInfo, smollm2: ModelInfo, flags: ServerFlags) -> None:
+    hw = recorded_hardware("cpu-2core")
+    # a saved slot is its KV and its checkpoints: the cache holds one such copy of every slot, and is counted
+    g = plan(gemma3, hw, facts(flags, "cpu"))
+    m = g.memory
+    assert arg(g, "--cache-ram") == str((m.kv_bytes + m.checkpoint_bytes) // MiB)
+    assert m.prompt_cache_bytes == int(arg(g, "--cache-ram") or 0) * MiB > 0
+    assert "one saved copy of every slot's KV" in reason(g, "cache_ram") and "8192 MiB" in reason(g, "cache_ram")
+    assert "prompt cache" in "\n".join(g.describe())
+    assert g.env["LLAMA_ARG_CACHE_RAM"] == arg(g, "--cache-ram")
+    # with little RAM left it takes what the budget leaves, never more
+    p = plan(smollm2, hw, facts(flags, "cpu"))
+    need = p.memory.total_bytes - p.memory.prompt_cache_bytes
+    budget = need + max(GiB, need // 9) + 10 * MiB  # leaves 10 MiB after the 1 GiB (or 10 %) margin
+    tight = dataclasses.replace(hw, memory=dataclasses.replace(hw.memory, available_bytes=budget))
+    t = plan(smollm2, tight, facts(flags, "cpu"))
+    assert 0 < int(arg(t, "--cache-ram") or 0) <= 10 < p.memory.prompt_cache_bytes // MiB
+    assert "what RAM has left" in reason(t, "cache_ram")
+    # the memory profile turns it off; a server without a prompt cache gets no flag and nothing is counted
+    assert arg(plan(smollm2, hw, facts(flags, "cpu"), TuneRequest(profile="memory")), "--cache-ram") == "0"
+    old_flags = ServerFlags("old", tuple(f for f in flags.flags if "--cache-ram" not in f.all_names))
+    o = plan(smollm2, hw, facts(old_flags, "cpu"))
+    assert "--cache-ram" not in o.args and o.memory.prompt_cache_bytes == 0 and o.settings.cache_ram_mib is None
 
 
 def test_server_outputs_follow_the_server_limits() -> None:

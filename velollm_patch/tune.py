@@ -86,6 +86,8 @@ ADAPTIVE_DRAFT_CAP = 16
 # request restorable and each further pair one more).
 CTX_CHECKPOINTS = {"memory": 2, "balanced": 4, "quality": 8, "speed": 8}
 UPSTREAM_CTX_CHECKPOINTS = 32
+# llama-server's --cache-ram default (MiB): the host-RAM prompt cache that keeps saved slot states.
+UPSTREAM_CACHE_RAM_MIB = 8192
 # What a running llama-server holds besides its buffers, read from /proc/PID/smaps on the CPU build
 # (BENCHMARKS.md, "planned vs measured"): code pages, libraries, thread stacks and heap, plus the
 # vocabulary's token texts, scores and lookup maps (~150 bytes a token).
@@ -202,7 +204,7 @@ class Settings:
     ubatch: int
     kv_on_demand: bool
     cache_ram_mib: int | None
-    """None: upstream's prompt-cache default."""
+    """The host-RAM prompt cache (``--cache-ram``) in MiB, 0 turns it off; None: the server has none."""
     speculation: Speculation | None
     ctx_checkpoints: int | None = None
     """Context checkpoints per slot; None (models without SWA): upstream's default, and none are made."""
@@ -230,6 +232,8 @@ class MemoryEstimate:
     """SWA context checkpoints of all slots at their planned count."""
     runtime_bytes: int = 0
     """Code, libraries, threads and heap (the vocabulary's included): host memory no buffer shows."""
+    prompt_cache_bytes: int = 0
+    """The host-RAM prompt cache at its limit (``--cache-ram``): saved copies of slots' KV and checkpoints."""
 
     @property
     def total_bytes(self) -> int:
@@ -295,7 +299,8 @@ class Plan:
         m = self.memory
         parts = f"weights {_mib(m.weights_bytes)} + KV {_mib(m.kv_bytes)} + compute {_mib(m.compute_bytes)}"
         for label, n in (("repacked", m.repack_bytes), ("checkpoints", m.checkpoint_bytes),
-                         ("draft", m.draft_bytes), ("runtime", m.runtime_bytes)):  # fmt: skip
+                         ("draft", m.draft_bytes), ("prompt cache", m.prompt_cache_bytes),
+                         ("runtime", m.runtime_bytes)):  # fmt: skip
             if n:
                 parts += f" + {label} {_mib(n)}"
         where = f"device {_mib(m.device_bytes)}, host {_mib(m.host_bytes)}" if m.device_bytes else "host"
@@ -644,6 +649,29 @@ class _Planner:
             f"{UPSTREAM_CTX_CHECKPOINTS} a slot, and {n} keep the last {n // 2} request(s) of a slot restorable",
         )
 
+    def prompt_cache(self, s: Settings, memory: MemoryEstimate) -> int | None:
+        """``--cache-ram`` in MiB: room for one saved copy of every slot's state (its KV, checkpoints and the
+        draft's KV, what llama-server saves of a slot), within what the host budget leaves beside ``memory``.
+        None when the server has no prompt cache (older pins)."""
+        if not self.build.flags.accepts("--cache-ram"):
+            return None
+        if self.req.profile == "memory":
+            self.note("cache_ram", "0", "no host-RAM prompt cache: idle slots do not keep copies of their KV")
+            return 0
+        state = memory.kv_bytes + memory.checkpoint_bytes + _draft_kv_bytes(s)
+        room = self.host_budget() - memory.host_bytes
+        mib = max(0, min(state, room)) // MiB
+        if mib < 1:
+            self.note("cache_ram", "0", "no RAM left for a prompt cache once the model, KV and buffers are held")
+            return 0
+        self.note(
+            "cache_ram", mib,
+            ("one saved copy of every slot's KV" if room >= state else "what RAM has left")
+            + ": a conversation whose slot was reused resumes from RAM without reprocessing its prompt; "
+            f"upstream's default is {UPSTREAM_CACHE_RAM_MIB} MiB, whatever the machine has",
+        )
+        return int(mib)
+
     def kv_on_demand(self, flash_attn: bool) -> bool:
         if not self.build.has_patch(KV_ON_DEMAND_PATCH):
             return False
@@ -854,8 +882,14 @@ def _draft_bytes(s: Settings) -> int:
     spec = s.speculation
     if spec is None or spec.draft is None:
         return 0
-    d = spec.draft.info
-    return d.file_size + d.kv_bytes(
+    return spec.draft.info.file_size + _draft_kv_bytes(s)
+
+
+def _draft_kv_bytes(s: Settings) -> int:
+    spec = s.speculation
+    if spec is None or spec.draft is None:
+        return 0
+    return spec.draft.info.kv_bytes(
         s.ctx_total, s.slots, s.cache_type_k, s.cache_type_v, n_ubatch=s.ubatch, unified=s.kv_unified or s.slots == 1,
     )
 
@@ -957,10 +991,8 @@ def plan(model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneReq
         threads=1, threads_batch=1, gpu_layers=None, tensor_split=None, tensor_overrides=None,
         ctx_per_slot=ctx, slots=slots, ctx_total=ctx_total, kv_unified=unified, cache_type_k=type_k,
         cache_type_v=type_v, flash_attn=flash_attn, batch=batch, ubatch=ubatch, kv_on_demand=on_demand,
-        cache_ram_mib=0 if req.profile == "memory" else None, speculation=spec, ctx_checkpoints=checkpoints,
+        cache_ram_mib=None, speculation=spec, ctx_checkpoints=checkpoints,
     )
-    if settings.cache_ram_mib == 0:
-        p.note("cache_ram", "0", "no host-RAM prompt cache: idle slots do not keep copies of their KV")
     all_on_gpu = False
     if backend != "cpu":
         settings, all_on_gpu = _offload(p, model, settings, fits(type_k, type_v))
@@ -971,6 +1003,12 @@ def plan(model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneReq
         memory = _oracle_memory(build, model, settings, on_demand)
     if memory is None:
         memory = _arithmetic_memory(model, settings, backend, on_demand)
+    # The prompt cache takes what the budget leaves, so it is sized once the rest is known; it changes nothing
+    # that the memory oracle estimates.
+    cache_ram_mib = p.prompt_cache(settings, memory)
+    settings = replace(settings, cache_ram_mib=cache_ram_mib)
+    cache_bytes = (cache_ram_mib or 0) * MiB
+    memory = replace(memory, prompt_cache_bytes=cache_bytes, host_bytes=memory.host_bytes + cache_bytes)
     args, env, missing = render(settings, model, build.flags)
     return Plan(
         model=model, build_id=build.build_id, backend=backend, profile=req.profile, workload=req.workload,
