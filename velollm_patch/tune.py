@@ -670,7 +670,7 @@ class _Planner:
             + ": a conversation whose slot was reused resumes from RAM without reprocessing its prompt; "
             f"upstream's default is {UPSTREAM_CACHE_RAM_MIB} MiB, whatever the machine has",
         )
-        return int(mib)
+        return mib
 
     def kv_on_demand(self, flash_attn: bool) -> bool:
         if not self.build.has_patch(KV_ON_DEMAND_PATCH):
