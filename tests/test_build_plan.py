@@ -46,6 +46,16 @@ def test_h100_plan_is_cuda_for_its_capability(tmp_paths: Paths) -> None:
     fa = next(a for a in args if a.startswith("-DGGML_CUDA_FA_QUANTS="))
     assert set(fa.split("=", 1)[1].split(";")) >= {"f16-f16", "q8_0-q8_0", "q4_0-q4_0"}
     assert "-DGGML_AVX512=ON" in args and "-DGGML_AMX_TILE=ON" in args
+    # every ISA flag the recorded Sapphire Rapids CPU reports reaches its CMake option
+    assert {"-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON"} <= set(args)
+
+
+@pytest.mark.parametrize("selection", ["none", "build-stamp,kv-on-demand"])
+def test_amx_stays_off_without_the_tile_config_fix(tmp_paths: Paths, selection: str) -> None:
+    # upstream's AMX kernels fault on small batches on this CPU (patch amx-tile-config): no AMX without it
+    args = _plan("h100", tmp_paths, patches=selection)
+    assert {"-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"} <= set(args)
+    assert "-DGGML_AVX512_VNNI=ON" in args
 
 
 def test_rtx3060_plan(tmp_paths: Paths) -> None:

@@ -75,6 +75,22 @@ def test_server_reports_patch_level_and_answers(patched_build: InstalledBuild, s
         assert chat["choices"][0]["message"]["content"]
 
 
+@pytest.mark.parametrize("flavour", ["patched", "vanilla"])
+def test_builds_evaluate_small_batches(
+    flavour: str, request: pytest.FixtureRequest, smollm2_gguf: Path, tmp_path: Path
+) -> None:
+    # batches of 2+ rows (prompts, draft verification, parallel decoding) take upstream's AMX kernels on AMX CPUs,
+    # which fault without patch amx-tile-config: the patched build has the fix, the vanilla build no AMX
+    build: InstalledBuild = request.getfixturevalue(f"{flavour}_build")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    cmd: list[str | Path] = [build.bin("llama-perplexity"), "-m", smollm2_gguf, "-f", text, "-c", "128", "-b", "128",
+                             "-ub", "4", "--chunks", "1", "-t", "2"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Final estimate: PPL" in done.stdout + done.stderr
+
+
 def test_identical_inputs_reuse_the_installed_build(
     patched_build: InstalledBuild, paths: Paths, live_hardware: hardware.HardwareInfo
 ) -> None:

@@ -36,13 +36,17 @@ TARGETS = ("llama-server", "llama-bench", "llama-perplexity", "llama-quantize", 
 TUNABLE_KV_PAIRS = ("f16-f16", "q8_0-q8_0", "q8_0-q4_0", "q4_0-q4_0")
 MIN_FREE_DISK_BYTES = 3 * 1024**3  # source copy + objects + staged binaries, with headroom
 # x86 ISA flags we pass explicitly instead of GGML_NATIVE, so the plan is reproducible and can be
-# made for recorded hardware too.
+# made for recorded hardware too. The names are Linux's /proc/cpuinfo spellings ("avx512vbmi" has no
+# underscore, "avx512_vnni" has one).
 X86_ISA_OPTIONS = (
     ("sse4_2", "GGML_SSE42"), ("avx", "GGML_AVX"), ("avx2", "GGML_AVX2"), ("bmi2", "GGML_BMI2"),
     ("fma", "GGML_FMA"), ("f16c", "GGML_F16C"), ("avx_vnni", "GGML_AVX_VNNI"), ("avx512f", "GGML_AVX512"),
-    ("avx512_vbmi", "GGML_AVX512_VBMI"), ("avx512_vnni", "GGML_AVX512_VNNI"), ("avx512_bf16", "GGML_AVX512_BF16"),
+    ("avx512vbmi", "GGML_AVX512_VBMI"), ("avx512_vnni", "GGML_AVX512_VNNI"), ("avx512_bf16", "GGML_AVX512_BF16"),
     ("amx_tile", "GGML_AMX_TILE"), ("amx_int8", "GGML_AMX_INT8"), ("amx_bf16", "GGML_AMX_BF16"),
 )
+# Upstream's AMX matrix kernels fault (illegal instruction) on any batch of 2+ rows when GCC drops the
+# stores of their tile config; this patch fixes it, and a build without it gets no AMX kernels.
+AMX_FIX_PATCH = "amx-tile-config"
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,8 @@ def plan_build(options: BuildOptions, hw: HardwareInfo, paths: Paths, *, fetch: 
     if options.patches != "none":
         series = patches.find_series(src.commit)
         selected = series.select(options.patches)
+    if AMX_FIX_PATCH not in {p.name for p in selected}:
+        backend_args = [re.sub(r"^(-DGGML_AMX_\w+)=ON$", r"\1=OFF", a) for a in backend_args]
     patch_level = series.level_string(selected) if series else ""
     commit_stamp = (src.short_commit or "unknown") + (f"+velollm.{series.level}" if selected and series else "")
     generator = "Ninja" if tools.ninja.present else "Unix Makefiles"
