@@ -99,18 +99,17 @@ def smollm2_f16_gguf(patched_build: InstalledBuild, smollm2_gguf: Path, paths: P
     return out
 
 
-@pytest.fixture
-def start_patched_server(tmp_path: Path, patched_server: Path) -> Iterator[Callable[..., serve.RunningServer]]:
-    """Start patched llama-servers on 127.0.0.1 (metrics on, slot erase allowed, no warm-up); they are all
-    stopped when the test ends. Call it as ``start(model, *args, env={...})``."""
+def _server_starter(binary: Path, tmp_path: Path, name: str) -> Iterator[Callable[..., serve.RunningServer]]:
+    """Start llama-servers of ``binary`` on 127.0.0.1 (metrics on, slot erase allowed, no warm-up); they are
+    all stopped when the test ends. Call it as ``start(model, *args, env={...})``."""
     started: list[serve.RunningServer] = []
 
     def start(model: Path, *args: str, env: dict[str, str] | None = None) -> serve.RunningServer:
-        label = f"server-{len(started)}"
+        label = f"{name}-{len(started)}"
         slot_dir = tmp_path / f"{label}-slots"
         slot_dir.mkdir()
         config = serve.ServerConfig(
-            binary=patched_server,
+            binary=binary,
             model=model,
             args=("--metrics", "--slot-save-path", f"{slot_dir}{os.sep}", "--no-warmup", "-t", "2", *args),
             env=env or {},
@@ -123,3 +122,15 @@ def start_patched_server(tmp_path: Path, patched_server: Path) -> Iterator[Calla
     yield start
     for running in started:
         running.stop()
+
+
+@pytest.fixture
+def start_patched_server(tmp_path: Path, patched_server: Path) -> Iterator[Callable[..., serve.RunningServer]]:
+    """Start patched llama-servers: see _server_starter."""
+    yield from _server_starter(patched_server, tmp_path, "patched")
+
+
+@pytest.fixture
+def start_vanilla_server(tmp_path: Path, vanilla_server: Path) -> Iterator[Callable[..., serve.RunningServer]]:
+    """Start upstream (unpatched) llama-servers: see _server_starter."""
+    yield from _server_starter(vanilla_server, tmp_path, "vanilla")

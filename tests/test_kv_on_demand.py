@@ -7,13 +7,13 @@ per-slot "kv" object in /slots, and the resident set size of the server process 
 - idle with -c 32768: committed << reserved, and the RSS is close to that of a -c 2048 server;
 - committed bytes and RSS grow with the tokens a slot holds and drop back when the slot is erased;
 - greedy completions are byte-identical with the switch on and off (also with -np 4 --no-kv-unified and
-  with the SWA model gemma3);
+  with the SWA model gemma3), and to upstream's server; llama-perplexity's numbers equal upstream's;
 - with flash attention off the server warns and uses the preallocated (vanilla) KV cache.
 
 No timing thresholds: only memory sizes and outputs are asserted.
 
-Inputs: the session fixtures ``patched_server`` (llama-server of a build with the full series), ``smollm2_gguf``
-and ``gemma3_gguf`` from tests/conftest.py.
+Inputs: the session fixtures ``patched_build`` (a build with the full series), ``vanilla_build`` (upstream at
+the same pin), ``smollm2_gguf`` and ``gemma3_gguf`` from tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -154,6 +154,44 @@ def test_greedy_output_identical_on_off(start_patched_server: StartServer, smoll
     assert all(out_off)
 
 
+def _same_kernel_args(patched: InstalledBuild, vanilla: InstalledBuild) -> tuple[str, ...]:
+    """Arguments, for both builds, under which they run the same CPU kernels, so that any difference in their
+    outputs comes from the KV cache. The two plans differ only where a patch makes a backend usable: on an AMX
+    CPU the patched build has AMX on (patch 0004 fixes its tile config; vanilla's would crash), and AMX is an
+    extra buffer type that holds repacked weights; --no-repack keeps the weights in plain buffers."""
+
+    def ggml_flags(build: InstalledBuild) -> set[str]:
+        return {a for a in build.manifest["cmake_args"] if a.startswith("-DGGML_")}
+
+    differing = ggml_flags(patched) ^ ggml_flags(vanilla)
+    assert all(a.startswith("-DGGML_AMX_") for a in differing), sorted(differing)
+    return ("--no-repack",) if differing else ()
+
+
+def test_greedy_output_identical_to_vanilla(
+    start_patched_server: StartServer,
+    start_vanilla_server: StartServer,
+    patched_build: InstalledBuild,
+    vanilla_build: InstalledBuild,
+    smollm2_gguf: Path,
+) -> None:
+    """Upstream's server and ours with the switch on complete a fixed prompt set byte for byte the same, also
+    on a two-slot server: paging the KV memory changes where cells live, never what is computed."""
+    prompts = [PROMPT, "Once upon a time", PROMPT + "The fox said:", "def fibonacci(n):"]
+    common = ("-c", "8192", "-np", "2", "-fa", "on", *_same_kernel_args(patched_build, vanilla_build))
+
+    vanilla = start_vanilla_server(smollm2_gguf, *common)
+    out_vanilla = _greedy(vanilla, prompts)
+    vanilla.stop()
+
+    patched = start_patched_server(smollm2_gguf, *common, "--kv-on-demand")
+    out_patched = _greedy(patched, prompts)
+    assert patched.metrics()["kv_on_demand"] == 1
+
+    assert out_patched == out_vanilla
+    assert all(out_vanilla)
+
+
 def test_parallel_slots_non_unified(start_patched_server: StartServer, smollm2_gguf: Path) -> None:
     common = ("-c", "16384", "-np", "4", "--no-kv-unified", "-fa", "on", "--cache-ram", "0")
     prompts = [f"{PROMPT} Story number {i}: " + FILL_TEXT * (5 + 10 * i) for i in range(4)]
@@ -248,20 +286,22 @@ def test_flash_attention_off_warns_and_preallocates(start_patched_server: StartS
     assert serve.complete(s, PROMPT, n_predict=8)["content"]
 
 
-def test_perplexity_identical_on_off(patched_build: InstalledBuild, smollm2_gguf: Path, tmp_path: Path) -> None:
-    """llama-perplexity takes the switch too (it is a common option): the numbers must not change."""
+def test_perplexity_identical_to_vanilla(
+    patched_build: InstalledBuild, vanilla_build: InstalledBuild, smollm2_gguf: Path, tmp_path: Path
+) -> None:
+    """llama-perplexity takes the switch too (it is a common option): its numbers equal upstream's, with the
+    switch on and off."""
     text = tmp_path / "text.txt"
     text.write_text((PROMPTS_DIR / "code_edit_source.txt").read_text() + FILL_TEXT * 20)
-    perplexity = patched_build.bin("llama-perplexity")
-    common = [str(perplexity), "-m", str(smollm2_gguf), "-f", str(text), "-c", "256", "-b", "256", "-fa", "on",
-              "-t", "2"]  # fmt: skip
+    common = ["-m", str(smollm2_gguf), "-f", str(text), "-c", "256", "-b", "256", "-fa", "on", "-t", "2",
+              *_same_kernel_args(patched_build, vanilla_build)]  # fmt: skip
 
-    def final_estimate(*extra: str) -> str:
-        output = proc.run([*common, *extra]).output
+    def final_estimate(build: InstalledBuild, *extra: str) -> str:
+        output = proc.run([str(build.bin("llama-perplexity")), *common, *extra]).output
         found = re.search(r"Final estimate: PPL = (\S+ \+/- \S+)", output)
         assert found, output[-2000:]
         return found.group(1)
 
-    off = final_estimate()
-    on = final_estimate("--kv-on-demand")
-    assert on == off
+    vanilla = final_estimate(vanilla_build)
+    assert final_estimate(patched_build) == vanilla
+    assert final_estimate(patched_build, "--kv-on-demand") == vanilla
