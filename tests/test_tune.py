@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ from velollm_patch.tune import (
     Speculation,
     TuneRequest,
     _fit_wanted,
+    amx_tied_output_bytes,
     best_draft_length,
     expected_speedup,
     fit_print,
@@ -332,6 +334,17 @@ def test_prompt_cache_holds_one_copy_of_the_slots(gemma3: ModelInfo, smollm2: Mo
     assert "--cache-ram" not in o.args and o.memory.prompt_cache_bytes == 0 and o.settings.cache_ram_mib is None
 
 
+def test_amx_copy_of_a_tied_output_matrix(smollm2: ModelInfo, gemma3: ModelInfo) -> None:
+    # both demo models tie their output to Q8_0 embeddings; AMX packs Q8_0 with 4 more bytes a 32-value block
+    assert gemma3.tied_embedding == ("Q8_0", 170 * MiB)
+    assert amx_tied_output_bytes(gemma3) == 170 * MiB + 640 // 32 * 262144 * 4 == 190 * MiB
+    assert smollm2.tied_embedding is not None and smollm2.tied_embedding[0] == "Q8_0"
+    assert amx_tied_output_bytes(smollm2) == smollm2.tied_embedding[1] + 576 // 32 * 49152 * 4
+    # an output matrix of its own is multiplied in place: no duplicate; nor is a type AMX has no kernel for
+    assert amx_tied_output_bytes(dataclasses.replace(gemma3, tied_embedding=None)) == 0
+    assert amx_tied_output_bytes(dataclasses.replace(gemma3, tied_embedding=("Q5_0", 100 * MiB))) == 0
+
+
 def test_server_outputs_follow_the_server_limits() -> None:
     assert server_outputs(None, 4, 2048) == 4
     assert server_outputs(Speculation(("ngram-mod",)), 4, 2048) == 4 * 65
@@ -565,6 +578,26 @@ def test_memory_oracle_estimates_the_servers_buffers(
     assert sum(r.compute for r in whole_batch) >= 512 * MiB > 8 * p.memory.compute_bytes
     # the repacked copies of CPU weights are counted beside their mapped originals
     assert p.memory.repack_bytes > 0 and p.memory.weights_bytes == gemma3.tensor_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["smollm2", "gemma3"])
+def test_plan_counts_the_repacked_weights_the_server_allocates(
+    real_facts: BuildFacts, live_hardware: HardwareInfo, start_patched_server: Callable[..., serve.RunningServer],
+    model_name: str, request: pytest.FixtureRequest,
+) -> None:
+    """The dry run leaves the weights that go to a repacking buffer type (CPU_REPACK, or AMX on AMX CPUs) out of
+    every row; the plan adds them back. Checked against the buffer sizes the real server logs."""
+    model: ModelInfo = request.getfixturevalue(model_name)
+    p = plan(model, live_hardware, real_facts)
+    server = start_patched_server(model.path, "-c", "4096", "-fa", "on", "-v")
+    logged = re.findall(r"load_tensors: +(\S+) model buffer size = +([\d.]+) MiB", server.log_text())
+    server.stop()
+    repacked = sum(float(mib) for name, mib in logged if name in ("CPU_REPACK", "AMX")) * MiB
+    mapped = sum(float(mib) for name, mib in logged if name == "CPU_Mapped") * MiB
+    assert logged and mapped > 0, logged
+    assert abs(p.memory.repack_bytes - repacked) <= 2 * MiB, (p.memory.repack_bytes / MiB, logged)
+    assert abs(p.memory.weights_bytes - mapped) <= 2 * MiB, (p.memory.weights_bytes / MiB, logged)
 
 
 @pytest.mark.slow

@@ -692,6 +692,9 @@ class ModelInfo:
     chat_template: str | None = field(repr=False)
     split_count: int
     """How many files the model is split into (llama.cpp ``split.count``); 1 for a single file."""
+    tied_embedding: tuple[str, int] | None = None
+    """(ggml type, bytes) of ``token_embd.weight`` when the file has no ``output.weight``: llama.cpp then
+    multiplies by a duplicate of the embeddings, which a repacking buffer type (AMX) holds as a copy."""
 
     @property
     def has_swa(self) -> bool:
@@ -817,6 +820,7 @@ class ModelInfo:
             "vocab": self.vocab.to_dict() if self.vocab else None,
             "has_chat_template": self.chat_template is not None,
             "split_count": self.split_count,
+            "tied_embedding": self.tied_embedding[0] if self.tied_embedding else None,
             "kv_bytes_per_token_f16": self.kv_bytes_per_token(),
             "quantized_kv_ok": self.head_dims_allow_quantized_kv(),
         }
@@ -908,7 +912,16 @@ def _build_info(path: Path, header: _Header) -> ModelInfo:
         vocab=_build_vocab(meta, arch, header, path),
         chat_template=meta.string("tokenizer.chat_template"),
         split_count=meta.uint("split.count", 1),
+        tied_embedding=_tied_embedding(header.tensors),
     )
+
+
+def _tied_embedding(tensors: Sequence[_Tensor]) -> tuple[str, int] | None:
+    by_name = {t.name: t for t in tensors}
+    embd = by_name.get("token_embd.weight")
+    if embd is None or "output.weight" in by_name:
+        return None
+    return GGMLQuantizationType(embd.ggml_type).name, embd.n_bytes
 
 
 def inspect_model(path: Path) -> ModelInfo:

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from velollm_patch import models, proc
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.errors import VelollmError
@@ -113,6 +115,8 @@ class BuildFacts:
     fit_params: Path | None
     """``llama-fit-params`` of this build, when it has one."""
     fit_params_flags: ServerFlags | None = None
+    amx: bool = False
+    """Built with upstream's AMX kernels (planned only for CPUs that have AMX, with patch 0004)."""
 
     @classmethod
     def from_build(cls, build: InstalledBuild, paths: Paths) -> BuildFacts:
@@ -133,6 +137,7 @@ class BuildFacts:
             flags=read_server_flags(build.bin("llama-server"), paths),
             fit_params=fit,
             fit_params_flags=fit_flags,
+            amx="-DGGML_AMX_INT8=ON" in build.manifest.get("cmake_args", ()),
         )
 
     def has_patch(self, name: str) -> bool:
@@ -917,6 +922,29 @@ def _arithmetic_memory(model: ModelInfo, s: Settings, backend: str, on_demand: b
     )
 
 
+# ggml-cpu/amx: the types its matrix kernels take, with the bytes its packed copy adds to a block (scales and
+# compensation, get_row_size in mmq.cpp) and the multiple of 256 or 32 the row length must be (supports_op).
+_AMX_BLOCK_EXTRA = {"Q4_0": 0, "Q4_1": 0, "Q8_0": 4, "Q4_K": 4, "Q5_K": 4, "Q6_K": 0, "IQ4_XS": 2, "F16": 0}
+_AMX_ROW_MULTIPLE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256,
+                     "F16": 16}  # fmt: skip
+
+
+def amx_tied_output_bytes(model: ModelInfo) -> int:
+    """Bytes of the AMX copy of a tied output matrix, which ``llama-fit-params`` counts in no row.
+
+    With tied embeddings llama.cpp multiplies by a duplicate of ``token_embd``; on an AMX build that duplicate
+    goes to the AMX buffer (a packed copy) while the original stays mapped for the embedding lookup. For
+    gemma3-270m that copy is 190 MiB of a 236 MiB file (its Q8_0 embeddings)."""
+    if model.tied_embedding is None or model.vocab is None:
+        return 0
+    ggml_type, n_bytes = model.tied_embedding
+    extra = _AMX_BLOCK_EXTRA.get(ggml_type)
+    if extra is None or model.n_embd % _AMX_ROW_MULTIPLE[ggml_type] or model.vocab.n_tokens % 32:
+        return 0
+    block, _ = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
+    return n_bytes + model.n_embd // block * model.vocab.n_tokens * extra
+
+
 def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: bool) -> MemoryEstimate | None:
     try:
         rows = fit_print(build, model.path, _fit_wanted(s))
@@ -936,6 +964,10 @@ def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: 
         repack = repack if repack >= MiB else 0  # the rows are whole MiB: less is rounding, not repacking
         weights += repack
         host += 2 * repack
+        if build.amx:
+            tied = amx_tied_output_bytes(model)
+            repack += tied
+            host += tied  # the original stays mapped for the embedding lookup: it is in the weights already
     draft = _draft_bytes(s)
     # The draft goes where the target's layers go (-ngld all on a GPU build).
     if s.gpu_layers:
