@@ -213,6 +213,8 @@ class Settings:
     speculation: Speculation | None
     ctx_checkpoints: int | None = None
     """Context checkpoints per slot; None (models without SWA): upstream's default, and none are made."""
+    load_mode_none: bool = False
+    """``--load-mode none``: weights are read into memory instead of mapped (planned when weights are repacked)."""
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,7 @@ class MemoryEstimate:
     """What the server holds with every slot full, by part; ``device_bytes + host_bytes`` is the sum of them."""
 
     weights_bytes: int
-    """The mapped tensor data (on a GPU, the offloaded share lives on the device)."""
+    """The tensor data held as in the file, mapped or read (on a GPU, the offloaded share lives on the device)."""
     kv_bytes: int
     compute_bytes: int
     draft_bytes: int
@@ -232,7 +234,7 @@ class MemoryEstimate:
     kv_on_demand: bool
     """KV pages are committed as tokens arrive, so an idle server holds far less than ``kv_bytes``."""
     repack_bytes: int = 0
-    """Repacked copies of CPU weights (CPU_REPACK; the mapped originals stay resident too)."""
+    """Repacked copies of CPU weights (CPU_REPACK, AMX); mapped, their originals stay resident too."""
     checkpoint_bytes: int = 0
     """SWA context checkpoints of all slots at their planned count."""
     runtime_bytes: int = 0
@@ -677,6 +679,23 @@ class _Planner:
         )
         return mib
 
+    def load_mode(self, s: Settings, memory: MemoryEstimate) -> tuple[Settings, MemoryEstimate]:
+        """Read the weights instead of mapping them when some are repacked into buffers of their own (CPU_REPACK,
+        AMX): the repacking reads their mapped originals, whose pages then stay resident beside the copies and
+        are never read again. Read, only the copies are held (upstream suggests the same for CPU overrides)."""
+        originals = memory.repack_bytes - (amx_tied_output_bytes(self.model) if self.build.amx else 0)
+        if originals < MiB or not self.build.flags.accepts("--load-mode"):
+            return s, memory
+        self.note(
+            "load_mode", "none",
+            f"{_mib(memory.repack_bytes)} of weights are repacked for this CPU; mapped, their {_mib(originals)} "
+            "of originals would stay resident beside the copies",
+        )
+        smaller = replace(
+            memory, weights_bytes=memory.weights_bytes - originals, host_bytes=memory.host_bytes - originals
+        )
+        return replace(s, load_mode_none=True), smaller
+
     def kv_on_demand(self, flash_attn: bool) -> bool:
         if not self.build.has_patch(KV_ON_DEMAND_PATCH):
             return False
@@ -814,6 +833,8 @@ def _arg_table(s: Settings) -> list[tuple[str, tuple[str, ...], str | None]]:
         rows.append(("kv_on_demand", ("--kv-on-demand",), None))
     if s.cache_ram_mib is not None:
         rows.append(("cache_ram", ("--cache-ram", "-cram"), str(s.cache_ram_mib)))
+    if s.load_mode_none:
+        rows.append(("load_mode", ("--load-mode", "-lm"), "none"))
     if s.ctx_checkpoints is not None:
         rows.append(("ctx_checkpoints", ("--ctx-checkpoints", "-ctxcp", "--swa-checkpoints"), str(s.ctx_checkpoints)))
     spec = s.speculation
@@ -1035,6 +1056,7 @@ def plan(model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneReq
         memory = _oracle_memory(build, model, settings, on_demand)
     if memory is None:
         memory = _arithmetic_memory(model, settings, backend, on_demand)
+    settings, memory = p.load_mode(settings, memory)
     # The prompt cache takes what the budget leaves, so it is sized once the rest is known; it changes nothing
     # that the memory oracle estimates.
     cache_ram_mib = p.prompt_cache(settings, memory)

@@ -1095,6 +1095,9 @@ def tuned_parameters(plan: Plan) -> tuple[dict[str, ParamValue], dict[str, str],
     if s.gpu_layers is not None:
         params["num_gpu"] = s.gpu_layers
         reasons["num_gpu"] = why.get("gpu_layers", "the tuner's GPU layers")
+    if s.load_mode_none:
+        params["use_mmap"] = "false"
+        reasons["use_mmap"] = why.get("load_mode", "the weights are read rather than mapped")
     spec = s.speculation
     draft = None
     if spec is not None and spec.draft is not None and spec.draft_n_max is not None:
