@@ -944,7 +944,7 @@ def _arithmetic_memory(model: ModelInfo, s: Settings, backend: str, on_demand: b
 
 
 # ggml-cpu/amx: the types its matrix kernels take, with the bytes its packed copy adds to a block (scales and
-# compensation, get_row_size in mmq.cpp) and the multiple of 256 or 32 the row length must be (supports_op).
+# compensation, get_row_size in mmq.cpp) and the multiple the row length must be (supports_op in amx.cpp).
 _AMX_BLOCK_EXTRA = {"Q4_0": 0, "Q4_1": 0, "Q8_0": 4, "Q4_K": 4, "Q5_K": 4, "Q6_K": 0, "IQ4_XS": 2, "F16": 0}
 _AMX_ROW_MULTIPLE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256,
                      "F16": 16}  # fmt: skip
@@ -955,7 +955,7 @@ def amx_tied_output_bytes(model: ModelInfo) -> int:
 
     With tied embeddings llama.cpp multiplies by a duplicate of ``token_embd``; on an AMX build that duplicate
     goes to the AMX buffer (a packed copy) while the original stays mapped for the embedding lookup. For
-    gemma3-270m that copy is 190 MiB of a 236 MiB file (its Q8_0 embeddings)."""
+    gemma3-270m that copy is 190 MiB, beside a 241 MiB file (its Q8_0 embeddings)."""
     if model.tied_embedding is None or model.vocab is None:
         return 0
     ggml_type, n_bytes = model.tied_embedding
@@ -979,8 +979,9 @@ def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: 
     host = sum(r.model + r.context + r.compute for r in rows if r.name == "Host")
     repack = 0
     if device == 0:
-        # The dry run counts the CPU_REPACK copies of the weights it repacks in no row, and counts their
-        # mapped originals out of the model row; both are resident (the originals are read to repack them).
+        # The dry run counts the repacked copies (CPU_REPACK, AMX) of the weights in no row, and counts their
+        # mapped originals out of the model row; both are resident while the file is mapped (the originals are
+        # read to repack them; _Planner.load_mode plans reading instead and takes them out again).
         repack = model.tensor_bytes - weights
         repack = repack if repack >= MiB else 0  # the rows are whole MiB: less is rounding, not repacking
         weights += repack
