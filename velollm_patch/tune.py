@@ -234,7 +234,9 @@ class MemoryEstimate:
     kv_on_demand: bool
     """KV pages are committed as tokens arrive, so an idle server holds far less than ``kv_bytes``."""
     repack_bytes: int = 0
-    """Repacked copies of CPU weights (CPU_REPACK, AMX); mapped, their originals stay resident too."""
+    """Repacked copies of CPU weights (CPU_REPACK, AMX)."""
+    repack_originals_bytes: int = 0
+    """The originals of those copies that nothing reads after repacking; resident while the file is mapped."""
     checkpoint_bytes: int = 0
     """SWA context checkpoints of all slots at their planned count."""
     runtime_bytes: int = 0
@@ -683,7 +685,7 @@ class _Planner:
         """Read the weights instead of mapping them when some are repacked into buffers of their own (CPU_REPACK,
         AMX): the repacking reads their mapped originals, whose pages then stay resident beside the copies and
         are never read again. Read, only the copies are held (upstream suggests the same for CPU overrides)."""
-        originals = memory.repack_bytes - (amx_tied_output_bytes(self.model) if self.build.amx else 0)
+        originals = memory.repack_originals_bytes
         if originals < MiB or not self.build.flags.accepts("--load-mode"):
             return s, memory
         self.note(
@@ -692,7 +694,8 @@ class _Planner:
             "of originals would stay resident beside the copies",
         )
         smaller = replace(
-            memory, weights_bytes=memory.weights_bytes - originals, host_bytes=memory.host_bytes - originals
+            memory, weights_bytes=memory.weights_bytes - originals, host_bytes=memory.host_bytes - originals,
+            repack_originals_bytes=0,
         )
         return replace(s, load_mode_none=True), smaller
 
@@ -977,7 +980,7 @@ def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: 
     compute = sum(r.compute for r in rows)
     device = sum(r.model + r.context + r.compute for r in rows if r.name != "Host")
     host = sum(r.model + r.context + r.compute for r in rows if r.name == "Host")
-    repack = 0
+    repack = originals = 0
     if device == 0:
         # The dry run counts the repacked copies (CPU_REPACK, AMX) of the weights in no row, and counts their
         # mapped originals out of the model row; both are resident while the file is mapped (the originals are
@@ -986,6 +989,7 @@ def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: 
         repack = repack if repack >= MiB else 0  # the rows are whole MiB: less is rounding, not repacking
         weights += repack
         host += 2 * repack
+        originals = repack
         if build.amx:
             tied = amx_tied_output_bytes(model)
             repack += tied
@@ -1002,6 +1006,7 @@ def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: 
     return MemoryEstimate(
         weights_bytes=weights, kv_bytes=kv, compute_bytes=compute, draft_bytes=draft, device_bytes=device,
         host_bytes=host, method="llama-fit-params", kv_on_demand=on_demand, repack_bytes=repack,
+        repack_originals_bytes=originals,
         checkpoint_bytes=checkpoints, runtime_bytes=runtime,
     )
 
