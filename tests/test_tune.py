@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from tests.helpers import recorded_hardware
 from velollm_patch import proc, serve
+from velollm_patch.bench.scenarios import PROMPTS_DIR
 from velollm_patch.build import TUNABLE_KV_PAIRS
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.cli import main
@@ -29,6 +30,7 @@ from velollm_patch.model import ModelInfo, find_draft_candidates, inspect_model
 from velollm_patch.paths import Paths
 from velollm_patch.server_flags import ServerFlags, parse_help, read_server_flags
 from velollm_patch.tune import (
+    AMX_WIDEN_PATCH,
     RUNTIME_BASE_BYTES,
     VOCAB_HEAP_BYTES_PER_TOKEN,
     BuildFacts,
@@ -41,6 +43,7 @@ from velollm_patch.tune import (
     expected_speedup,
     fit_print,
     kv_pair_problem,
+    lazy_embedding_bytes,
     plan,
     server_outputs,
 )
@@ -337,12 +340,27 @@ def test_prompt_cache_holds_one_copy_of_the_slots(gemma3: ModelInfo, smollm2: Mo
 def test_amx_copy_of_a_tied_output_matrix(smollm2: ModelInfo, gemma3: ModelInfo) -> None:
     # both demo models tie their output to Q8_0 embeddings; AMX packs Q8_0 with 4 more bytes a 32-value block
     assert gemma3.tied_embedding == ("Q8_0", 170 * MiB)
-    assert amx_tied_output_bytes(gemma3) == 170 * MiB + 640 // 32 * 262144 * 4 == 190 * MiB
-    assert smollm2.tied_embedding is not None and smollm2.tied_embedding[0] == "Q8_0"
-    assert amx_tied_output_bytes(smollm2) == smollm2.tied_embedding[1] + 576 // 32 * 49152 * 4
-    # an output matrix of its own is multiplied in place: no duplicate; nor is a type AMX has no kernel for
-    assert amx_tied_output_bytes(dataclasses.replace(gemma3, tied_embedding=None)) == 0
-    assert amx_tied_output_bytes(dataclasses.replace(gemma3, tied_embedding=("Q5_0", 100 * MiB))) == 0
+    for widen in (False, True):
+        assert amx_tied_output_bytes(gemma3, widen) == 170 * MiB + 640 // 32 * 262144 * 4 == 190 * MiB
+        assert smollm2.tied_embedding is not None and smollm2.tied_embedding[0] == "Q8_0"
+        assert amx_tied_output_bytes(smollm2, widen) == smollm2.tied_embedding[1] + 576 // 32 * 49152 * 4
+        # an output matrix of its own is multiplied in place: no duplicate
+        assert amx_tied_output_bytes(dataclasses.replace(gemma3, tied_embedding=None), widen) == 0
+    # a type AMX has no kernel for stays out, unless the build widens it (Q5_0, 22 bytes, as packed Q8_0: 38)
+    q5_0 = dataclasses.replace(gemma3, tied_embedding=("Q5_0", 640 // 32 * 262144 * 22))
+    assert amx_tied_output_bytes(q5_0, widen=False) == 0
+    assert amx_tied_output_bytes(q5_0, widen=True) == 640 // 32 * 262144 * 38
+
+
+def test_widened_q5_0_matrices_and_the_lazy_embedding(gemma3: ModelInfo, smollm2: ModelInfo) -> None:
+    # gemma3-270m Q4_K_M: attn_q, attn_k, ffn_gate, ffn_up and half the attn_v are Q5_0 (640-wide rows are no
+    # multiple of 256)
+    assert gemma3.q5_0_matrix_blocks == (18 * 640 * (1024 + 256 + 2048 + 2048) + 9 * 640 * 256) // 32
+    assert smollm2.q5_0_matrix_blocks == 0
+    assert gemma3.embedding_bytes == 170 * MiB
+    # a page per distinct token, a quarter of the context; never more than the tensor
+    assert lazy_embedding_bytes(gemma3, 16384) == 4096 * 4096
+    assert lazy_embedding_bytes(gemma3, 1 << 30) == gemma3.embedding_bytes
 
 
 def test_server_outputs_follow_the_server_limits() -> None:
@@ -578,9 +596,14 @@ def test_memory_oracle_estimates_the_servers_buffers(
     assert sum(r.compute for r in whole_batch) >= 512 * MiB > 8 * p.memory.compute_bytes
     # the repacked copies of CPU weights are counted; their originals are read to repack them and, with the weights
     # read rather than mapped (planned for that reason), not held afterwards
-    tied = amx_tied_output_bytes(gemma3) if real_facts.amx else 0
+    widen = AMX_WIDEN_PATCH in real_facts.patches
+    tied = amx_tied_output_bytes(gemma3, widen) if real_facts.amx else 0
+    widened = gemma3.q5_0_matrix_blocks * 16 if real_facts.amx and widen else 0
     assert p.memory.repack_bytes > 0 and p.settings.load_mode_none
-    assert p.memory.weights_bytes + p.memory.repack_bytes - tied == gemma3.tensor_bytes
+    # the token embedding stays mapped (patch lazy-token-embd): only the rows the lookup reads are held
+    assert p.settings.lazy_embeddings and arg(p, "--lazy-mode") == "embd"
+    lazy_saved = gemma3.embedding_bytes - lazy_embedding_bytes(gemma3, s.ctx_total)
+    assert p.memory.weights_bytes + lazy_saved + p.memory.repack_bytes - tied - widened == gemma3.tensor_bytes
 
 
 @pytest.mark.slow
@@ -608,12 +631,69 @@ def test_plan_counts_the_repacked_weights_the_server_allocates(
     # what mapping holds more: the originals of the repacked weights (not of a tied output's copy: its original
     # is the embedding table, which the lookup reads)
     originals = held["mmap"] - held["none"]
-    tied = amx_tied_output_bytes(model) if real_facts.amx else 0
-    assert abs(originals - (p.memory.repack_bytes - tied)) <= 2 * MiB, (originals / MiB, held)
+    widen = AMX_WIDEN_PATCH in real_facts.patches
+    tied = amx_tied_output_bytes(model, widen) if real_facts.amx else 0
+    widened = model.q5_0_matrix_blocks * 16 if real_facts.amx and widen else 0
+    assert abs(originals - (p.memory.repack_bytes - tied - widened)) <= 2 * MiB, (originals / MiB, held)
     assert p.settings.load_mode_none == (originals >= 2 * MiB)
     assert ("--load-mode" in p.args) == p.settings.load_mode_none
     expected = held["none"] if p.settings.load_mode_none else held["mmap"]
+    if p.settings.lazy_embeddings:  # a buffer the size of the tensor, of which only the rows read are held
+        expected -= model.embedding_bytes - lazy_embedding_bytes(model, p.settings.ctx_total)
     assert abs(p.memory.weights_bytes - expected) <= 2 * MiB, (p.memory.weights_bytes / MiB, held)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["smollm2", "gemma3"])
+def test_lazy_embedding_saves_at_least_what_the_plan_says(
+    real_facts: BuildFacts, live_hardware: HardwareInfo, start_patched_server: Callable[..., serve.RunningServer],
+    model_name: str, request: pytest.FixtureRequest,
+) -> None:
+    """Patch lazy-token-embd: with the weights read, --lazy-mode embd keeps the token embedding mapped, and a
+    served request faults in only the rows it reads. The server's RSS drops by at least what the plan takes
+    off, and by no more than the tensor; the greedy completion is the same."""
+    model: ModelInfo = request.getfixturevalue(model_name)
+    p = plan(model, live_hardware, real_facts)
+    if not p.settings.lazy_embeddings:
+        pytest.skip(f"the plan reads {model_name}'s weights whole on this build ({p.settings.load_mode_none=})")
+    rss, text = {}, {}
+    for lazy in ("auto", "embd"):
+        server = start_patched_server(model.path, "-c", "4096", "--load-mode", "none", "--lazy-mode", lazy)
+        text[lazy] = serve.complete(server, "def fibonacci(n):", n_predict=32)["content"]
+        rss[lazy] = server.rss_bytes()
+        server.stop()
+    saved = rss["auto"] - rss["embd"]
+    planned = model.embedding_bytes - lazy_embedding_bytes(model, p.settings.ctx_total)
+    assert planned <= saved <= model.embedding_bytes, (saved / MiB, planned / MiB)
+    assert text["embd"] == text["auto"]
+
+
+@pytest.mark.slow
+def test_amx_widened_q5_0_matrices(
+    real_facts: BuildFacts, patched_build: InstalledBuild, gemma3: ModelInfo, tmp_path: Path
+) -> None:
+    """Patch amx-widen-q5-0: on an AMX build gemma3's Q5_0 matrices go to the AMX buffer as Q8_0 (the plan's
+    extra bytes), and the model computes the same numbers: perplexity within 0.5 % of GGML_AMX_WIDEN=0 (only
+    the float summation order differs; a wrong bit in the widening moves it by orders of magnitude)."""
+    if not real_facts.amx or AMX_WIDEN_PATCH not in real_facts.patches:
+        pytest.skip("not an AMX build with the widening patch (needs a CPU with AMX)")
+    text = tmp_path / "text.txt"
+    text.write_text((PROMPTS_DIR / "code_edit_source.txt").read_text() * 2)
+    results = {}
+    for widen in ("0", "1"):
+        out = proc.run(
+            [str(patched_build.bin("llama-perplexity")), "-m", str(gemma3.path), "-f", str(text), "-c", "256",
+             "-b", "256", "-fa", "on", "-t", "2", "-v"],
+            env={**os.environ, "GGML_AMX_WIDEN": widen},
+        ).output
+        ppl = re.search(r"Final estimate: PPL = ([\d.]+)", out)
+        amx = re.search(r"AMX model buffer size = +([\d.]+) MiB", out)
+        assert ppl and amx, out[-2000:]
+        results[widen] = (float(ppl.group(1)), float(amx.group(1)) * MiB)
+    (ppl_off, amx_off), (ppl_on, amx_on) = results["0"], results["1"]
+    assert abs(ppl_on / ppl_off - 1) < 0.005, results
+    q5_0_bytes = gemma3.q5_0_matrix_blocks * 22
+    assert abs(amx_on - amx_off - q5_0_bytes - gemma3.q5_0_matrix_blocks * 16) <= MiB, results
 
 
 @pytest.mark.slow

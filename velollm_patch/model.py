@@ -207,6 +207,7 @@ class _Tensor:
     n_elements: int
     n_bytes: int
     offset: int
+    dims: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -358,7 +359,7 @@ def _parse_tensor_infos(r: _Reader, declared: int) -> list[_Tensor]:
         if n_elements >= 1 << 63:
             raise _FormatError(f"tensor '{name}' has {n_elements} elements")
         offset = r.u64(f"data offset of tensor '{name}'")
-        tensors.append(_Tensor(name, raw_type, n_elements, n_elements // block * type_size, offset))
+        tensors.append(_Tensor(name, raw_type, n_elements, n_elements // block * type_size, offset, tuple(dims)))
     return tensors
 
 
@@ -695,6 +696,11 @@ class ModelInfo:
     tied_embedding: tuple[str, int] | None = None
     """(ggml type, bytes) of ``token_embd.weight`` when the file has no ``output.weight``: llama.cpp then
     multiplies by a duplicate of the embeddings, which a repacking buffer type (AMX) holds as a copy."""
+    embedding_bytes: int = 0
+    """Bytes of ``token_embd.weight``, which only the embedding lookup reads (unless the output is tied)."""
+    q5_0_matrix_blocks: int = 0
+    """Q5_0 blocks of the matrices whose dimensions are both multiples of 32, ``token_embd`` left out: what
+    an AMX build with the widening patch holds as Q8_0 copies."""
 
     @property
     def has_swa(self) -> bool:
@@ -821,6 +827,7 @@ class ModelInfo:
             "has_chat_template": self.chat_template is not None,
             "split_count": self.split_count,
             "tied_embedding": self.tied_embedding[0] if self.tied_embedding else None,
+            "embedding_bytes": self.embedding_bytes,
             "kv_bytes_per_token_f16": self.kv_bytes_per_token(),
             "quantized_kv_ok": self.head_dims_allow_quantized_kv(),
         }
@@ -913,6 +920,12 @@ def _build_info(path: Path, header: _Header) -> ModelInfo:
         chat_template=meta.string("tokenizer.chat_template"),
         split_count=meta.uint("split.count", 1),
         tied_embedding=_tied_embedding(header.tensors),
+        embedding_bytes=sum(t.n_bytes for t in header.tensors if t.name == "token_embd.weight"),
+        q5_0_matrix_blocks=sum(
+            t.n_elements // GGML_QUANT_SIZES[GGMLQuantizationType.Q5_0][0] for t in header.tensors
+            if t.ggml_type == GGMLQuantizationType.Q5_0 and t.name != "token_embd.weight"
+            and len(t.dims) == 2 and t.dims[0] % 32 == 0 and t.dims[1] % 32 == 0
+        ),
     )
 
 

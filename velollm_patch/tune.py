@@ -52,6 +52,10 @@ GPU_BACKENDS = ("cuda", "rocm", "metal", "vulkan")
 # Patches of our series the planner knows how to use (patches/llama.cpp/<pin>/series.toml names).
 KV_ON_DEMAND_PATCH = "kv-on-demand"
 SPEC_ADAPTIVE_PATCH = "spec-adaptive"
+AMX_WIDEN_PATCH = "amx-widen-q5-0"
+LAZY_EMBEDDING_PATCH = "lazy-token-embd"
+# The page the embedding lookup faults in per row it reads from the mapped file (x86-64, arm64 Linux).
+PAGE_BYTES = 4096
 SPEC_ADAPTIVE_MIN_FLAG = "--spec-adaptive-min"
 
 # GGML_CUDA_FA_QUANTS' default (ggml/CMakeLists.txt); builds that did not record their own list
@@ -215,6 +219,8 @@ class Settings:
     """Context checkpoints per slot; None (models without SWA): upstream's default, and none are made."""
     load_mode_none: bool = False
     """``--load-mode none``: weights are read into memory instead of mapped (planned when weights are repacked)."""
+    lazy_embeddings: bool = False
+    """``--lazy-mode embd`` (patch lazy-token-embd): the token embedding stays mapped, its rows read on demand."""
 
 
 @dataclass(frozen=True)
@@ -697,7 +703,30 @@ class _Planner:
             memory, weights_bytes=memory.weights_bytes - originals, host_bytes=memory.host_bytes - originals,
             repack_originals_bytes=0,
         )
-        return replace(s, load_mode_none=True), smaller
+        return self.lazy_embeddings(replace(s, load_mode_none=True), smaller)
+
+    def lazy_embeddings(self, s: Settings, memory: MemoryEstimate) -> tuple[Settings, MemoryEstimate]:
+        """Read weights hold all of the token embedding, though the lookup reads only the rows of the tokens
+        seen (a few hundred of gemma3's 262k); kept mapped, those rows are all it costs. Not when the output
+        matrix is the embedding itself in the plain CPU buffer: the output product reads every row."""
+        model = self.model
+        if model.embedding_bytes < MiB or not self.build.has_patch(LAZY_EMBEDDING_PATCH):
+            return s, memory
+        if not self.build.flags.accepts("--lazy-mode"):
+            return s, memory
+        if model.tied_embedding is not None and not (
+            self.build.amx and amx_tied_output_bytes(model, self.build.has_patch(AMX_WIDEN_PATCH))
+        ):
+            return s, memory
+        touched = lazy_embedding_bytes(model, s.ctx_total)
+        self.note(
+            "lazy_embeddings", "on",
+            f"the lookup reads the token embedding ({_mib(model.embedding_bytes)}) a row per token: mapped, "
+            f"about {_mib(touched)} of it is resident with every slot full",
+        )
+        saved = model.embedding_bytes - touched
+        smaller = replace(memory, weights_bytes=memory.weights_bytes - saved, host_bytes=memory.host_bytes - saved)
+        return replace(s, lazy_embeddings=True), smaller
 
     def kv_on_demand(self, flash_attn: bool) -> bool:
         if not self.build.has_patch(KV_ON_DEMAND_PATCH):
@@ -838,6 +867,8 @@ def _arg_table(s: Settings) -> list[tuple[str, tuple[str, ...], str | None]]:
         rows.append(("cache_ram", ("--cache-ram", "-cram"), str(s.cache_ram_mib)))
     if s.load_mode_none:
         rows.append(("load_mode", ("--load-mode", "-lm"), "none"))
+    if s.lazy_embeddings:
+        rows.append(("lazy_embeddings", ("--lazy-mode", "-lzm"), "embd"))
     if s.ctx_checkpoints is not None:
         rows.append(("ctx_checkpoints", ("--ctx-checkpoints", "-ctxcp", "--swa-checkpoints"), str(s.ctx_checkpoints)))
     spec = s.speculation
@@ -951,22 +982,41 @@ def _arithmetic_memory(model: ModelInfo, s: Settings, backend: str, on_demand: b
 _AMX_BLOCK_EXTRA = {"Q4_0": 0, "Q4_1": 0, "Q8_0": 4, "Q4_K": 4, "Q5_K": 4, "Q6_K": 0, "IQ4_XS": 2, "F16": 0}
 _AMX_ROW_MULTIPLE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256,
                      "F16": 16}  # fmt: skip
+# Patch amx-widen-q5-0 stores a Q5_0 block (22 bytes) as a packed Q8_0 block: 34 bytes and 4 of compensation.
+_AMX_WIDENED_Q5_0_EXTRA = 34 + _AMX_BLOCK_EXTRA["Q8_0"] - 22
 
 
-def amx_tied_output_bytes(model: ModelInfo) -> int:
+def amx_tied_output_bytes(model: ModelInfo, widen: bool) -> int:
     """Bytes of the AMX copy of a tied output matrix, which ``llama-fit-params`` counts in no row.
 
     With tied embeddings llama.cpp multiplies by a duplicate of ``token_embd``; on an AMX build that duplicate
     goes to the AMX buffer (a packed copy) while the original stays mapped for the embedding lookup. For
-    gemma3-270m that copy is 190 MiB, beside a 241 MiB file (its Q8_0 embeddings)."""
+    gemma3-270m that copy is 190 MiB, beside a 241 MiB file (its Q8_0 embeddings). ``widen``: the build
+    widens Q5_0 into the AMX buffer (patch amx-widen-q5-0)."""
     if model.tied_embedding is None or model.vocab is None:
         return 0
     ggml_type, n_bytes = model.tied_embedding
-    extra = _AMX_BLOCK_EXTRA.get(ggml_type)
-    if extra is None or model.n_embd % _AMX_ROW_MULTIPLE[ggml_type] or model.vocab.n_tokens % 32:
+    if widen and ggml_type == "Q5_0":
+        extra, multiple = _AMX_WIDENED_Q5_0_EXTRA, 32
+    elif ggml_type in _AMX_BLOCK_EXTRA:
+        extra, multiple = _AMX_BLOCK_EXTRA[ggml_type], _AMX_ROW_MULTIPLE[ggml_type]
+    else:
+        return 0
+    if model.n_embd % multiple or model.vocab.n_tokens % 32:
         return 0
     block, _ = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
     return n_bytes + model.n_embd // block * model.vocab.n_tokens * extra
+
+
+def lazy_embedding_bytes(model: ModelInfo, ctx_total: int) -> int:
+    """What a lazily read token embedding holds: a page per distinct token, with as many distinct tokens as
+    a quarter of the context (at most the vocabulary), capped at the whole tensor."""
+    n_vocab = model.vocab.n_tokens if model.vocab else 0
+    if not n_vocab:
+        return model.embedding_bytes
+    row = model.embedding_bytes // n_vocab
+    pages_per_row = max(1, -(-row // PAGE_BYTES))
+    return min(model.embedding_bytes, min(n_vocab, ctx_total // 4) * pages_per_row * PAGE_BYTES)
 
 
 def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: bool) -> MemoryEstimate | None:
@@ -991,9 +1041,12 @@ def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: 
         host += 2 * repack
         originals = repack
         if build.amx:
-            tied = amx_tied_output_bytes(model)
-            repack += tied
-            host += tied  # the original stays mapped for the embedding lookup: it is in the weights already
+            widen = build.has_patch(AMX_WIDEN_PATCH)
+            tied = amx_tied_output_bytes(model, widen)
+            # the dry run's rows put the Q5_0 matrices among the repacked ones at their file size
+            widened = model.q5_0_matrix_blocks * _AMX_WIDENED_Q5_0_EXTRA if widen else 0
+            repack += tied + widened
+            host += tied + widened  # a tied original stays mapped for the embedding lookup: it is in the weights
     draft = _draft_bytes(s)
     # The draft goes where the target's layers go (-ngld all on a GPU build).
     if s.gpu_layers:
