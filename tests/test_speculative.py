@@ -256,6 +256,8 @@ def test_slot_statistics(start_server: StartServer, smollm2_f16_gguf: Path, smol
     assert ad["n_min"] <= st["n_max"] <= 12
     assert ad["n_min"] <= ad["n_current"] <= 12
     assert ad["step_ms_base"] > 0
+    # the long-run rate of the chosen policy (tokens per second), positive once the policy has chosen a length
+    assert ad["tokens_per_s_estimate"] > 0
     # the measured step time per drafted length: 0..cap, null where a length was never drafted
     measured = ad["step_ms_measured"]
     assert len(measured) == 12 + 1
