@@ -116,13 +116,17 @@ def abab(order: list[str], rep: int) -> list[str]:
     return order if rep % 2 == 0 else list(reversed(order))
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]], reference: str) -> dict[str, Any]:
+def summarize(runs: dict[str, list[dict[str, Any]]], reference: str, subject: str) -> dict[str, Any]:
+    """Per variant: mean tokens/s, acceptance, losslessness against ``reference``, and ``subject``'s tokens/s
+    over the variant's within each rep (adjacent runs of the ABAB order), whose median shrugs off the host's
+    drift and the odd slow run that move a mean of a few reps by more than the margins compared."""
     ref_texts = runs[reference][0]["texts"]
     out: dict[str, Any] = {}
     for name, rs in runs.items():
         tps = [r["tps"] for r in rs]
         drafted = sum(r["draft_n"] for r in rs)
         acc = sum(r["draft_n_accepted"] for r in rs)
+        paired = [a["tps"] / r["tps"] for a, r in zip(runs[subject], rs, strict=True) if r["tps"] > 0]
         out[name] = {
             "tps_mean": statistics.fmean(tps),
             "tps_runs": tps,
@@ -130,8 +134,19 @@ def summarize(runs: dict[str, list[dict[str, Any]]], reference: str) -> dict[str
             "draft_n": drafted,
             "lossless": all(r["texts"] == ref_texts for r in rs),
             "tokens": rs[0]["tokens"],
+            f"{subject}_over_this_per_rep": paired,
+            f"{subject}_over_this_median": statistics.median(paired) if paired else None,
         }
     return out
+
+
+def print_paired(res: dict[str, Any], subject: str) -> None:
+    subject_mean = res[subject]["tps_mean"]
+    for name, r in res.items():
+        median = r[f"{subject}_over_this_median"]
+        if name != subject and median is not None and r["tps_mean"] > 0:
+            print(f"  {subject} / {name}: x{subject_mean / r['tps_mean']:.3f} (means), x{median:.3f} (median of "
+                  f"the per-rep ratios)", flush=True)  # fmt: skip
 
 
 def bench_draft(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
@@ -167,7 +182,8 @@ def bench_draft(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     finally:
         for server in (srv, plain, adaptive):
             server.stop()
-    res = summarize(runs, "plain")
+    res = summarize(runs, "plain", "adaptive")
+    print_paired(res, "adaptive")
     res["adaptive"]["slot_stats_last"] = runs["adaptive"][-1].get("slot")
     return {"server_cmd": command(srv), "plain_cmd": command(plain), "adaptive_cmd": command(adaptive),
             "variants": variants, "results": res}  # fmt: skip
@@ -221,10 +237,11 @@ def bench_code_edit(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             runs[name].append(r)
             print(f"[edit]  rep {rep} {name:20s} {r['tps']:7.2f} t/s  drafted {r['draft_n']:5d} "
                   f"accepted {r['draft_n_accepted']:5d}  (cold {c['tps']:7.2f} t/s)", flush=True)  # fmt: skip
-    res = summarize(runs, "plain")
+    res = summarize(runs, "plain", "ngram-mod-adaptive")
+    print_paired(res, "ngram-mod-adaptive")
     res["ngram-mod-adaptive"]["slot_stats_last"] = runs["ngram-mod-adaptive"][-1].get("slot")
     return {"server_cmds": cmds, "per_request": {k: v[1] for k, v in configs.items()}, "results": res,
-            "cold_first_request": summarize(cold, "plain"), "prompt_chars": len(prompts[0]),
+            "cold_first_request": summarize(cold, "plain", "ngram-mod-adaptive"), "prompt_chars": len(prompts[0]),
             "file_lines": code_file().count("\n") + 1}  # fmt: skip
 
 
