@@ -258,7 +258,8 @@ def test_slot_statistics(start_server: StartServer, smollm2_f16_gguf: Path, smol
     assert ad["step_ms_base"] > 0
     # the long-run rate of the chosen policy (tokens per second), positive once the policy has chosen a length
     assert ad["tokens_per_s_estimate"] > 0
-    # the measured step time per drafted length: 0..cap, null where a length was never drafted
+    # the measured step time per drafted length: 0..cap, null where a length was not drafted within the policy's
+    # memory of step times (never, or not in the last few hundred steps)
     measured = ad["step_ms_measured"]
     assert len(measured) == 12 + 1
     assert any(t is not None and t > 0 for t in measured)
