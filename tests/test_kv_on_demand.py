@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import CPU_REPACK_Q4_1_PATCH
 from velollm_patch import proc, serve
 from velollm_patch.bench.scenarios import PROMPTS_DIR
 from velollm_patch.builds import InstalledBuild
@@ -166,7 +167,7 @@ def _same_kernel_args(patched: InstalledBuild, vanilla: InstalledBuild) -> tuple
 
     differing = ggml_flags(patched) ^ ggml_flags(vanilla)
     assert all(a.startswith("-DGGML_AMX_") for a in differing), sorted(differing)
-    return ("--no-repack",) if differing or "cpu-repack-q4-1" in patched.patch_names else ()
+    return ("--no-repack",) if differing or CPU_REPACK_Q4_1_PATCH in patched.patch_names else ()
 
 
 def test_greedy_output_identical_to_vanilla(

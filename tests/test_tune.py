@@ -15,11 +15,10 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import gguf
 import pytest
 from click.testing import CliRunner
 
-from tests.helpers import recorded_hardware
+from tests.helpers import CPU_REPACK_Q4_1_PATCH, recorded_hardware
 from velollm_patch import proc, serve
 from velollm_patch.bench.scenarios import PROMPTS_DIR
 from velollm_patch.build import TUNABLE_KV_PAIRS
@@ -48,9 +47,6 @@ from velollm_patch.tune import (
     plan,
     server_outputs,
 )
-
-# the patch that repacks Q4_1 weights on x86 (the planner needs no knowledge of it: the dry run shows the copies)
-CPU_REPACK_Q4_1_PATCH = "cpu-repack-q4-1"
 
 HELP_EXCERPT = """\
 ----- common params -----
@@ -361,6 +357,10 @@ def test_widened_q5_0_matrices_and_the_lazy_embedding(gemma3: ModelInfo, smollm2
     # multiple of 256)
     assert gemma3.q5_0_matrix_blocks == (18 * 640 * (1024 + 256 + 2048 + 2048) + 9 * 640 * 256) // 32
     assert smollm2.q5_0_matrix_blocks == 0
+    # SmolLM2 Q4_1: every layer matrix is Q4_1 (30 layers of q, k, v, o and three FFN matrices; 20 bytes per 32
+    # values), the tied Q8_0 embedding is not; gemma3-270m has none
+    assert smollm2.q4_1_matrix_bytes == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) * 20 // 32
+    assert gemma3.q4_1_matrix_bytes == 0
     assert gemma3.embedding_bytes == 170 * MiB
     # a page per distinct token, a quarter of the context; never more than the tensor
     assert lazy_embedding_bytes(gemma3, 16384) == 4096 * 4096
@@ -706,7 +706,7 @@ def test_amx_widened_q5_0_matrices(
 
 @pytest.mark.slow
 def test_q4_1_matrices_repacked_on_avx2(
-    real_facts: BuildFacts, patched_build: InstalledBuild, live_hardware: HardwareInfo, smollm2_gguf: Path,
+    real_facts: BuildFacts, patched_build: InstalledBuild, live_hardware: HardwareInfo, smollm2: ModelInfo,
     tmp_path: Path,
 ) -> None:
     """Patch cpu-repack-q4-1: on an x86 CPU with AVX2, SmolLM2's Q4_1 matrices go to the CPU_REPACK buffer
@@ -715,17 +715,13 @@ def test_q4_1_matrices_repacked_on_avx2(
     nibble or a lost minimum moves it by far more)."""
     if CPU_REPACK_Q4_1_PATCH not in real_facts.patches or not live_hardware.cpu.has("avx2"):
         pytest.skip("needs an x86 CPU with AVX2 and a build with the Q4_1 repacking patch")
-    q4_1_bytes = sum(
-        int(t.n_bytes) for t in gguf.GGUFReader(smollm2_gguf).tensors
-        if t.tensor_type == gguf.GGMLQuantizationType.Q4_1 and len(t.shape) >= 2 and int(t.shape[1]) % 8 == 0
-    )
-    assert q4_1_bytes > 50 * MiB
+    q4_1_bytes = smollm2.q4_1_matrix_bytes
     text = tmp_path / "text.txt"
     text.write_text((PROMPTS_DIR / "code_edit_source.txt").read_text() * 2)
     results = {}
     for repack in ("0", "1"):
         out = proc.run(
-            [str(patched_build.bin("llama-perplexity")), "-m", str(smollm2_gguf), "-f", str(text), "-c", "256",
+            [str(patched_build.bin("llama-perplexity")), "-m", str(smollm2.path), "-f", str(text), "-c", "256",
              "-b", "256", "-fa", "on", "-t", "2", "-v"],
             env={**os.environ, "GGML_CPU_REPACK_Q4_1": repack},
         ).output

@@ -701,6 +701,9 @@ class ModelInfo:
     q5_0_matrix_blocks: int = 0
     """Q5_0 blocks of the matrices whose dimensions are both multiples of 32, ``token_embd`` left out: what
     an AMX build with the widening patch holds as Q8_0 copies."""
+    q4_1_matrix_bytes: int = 0
+    """Bytes of the Q4_1 matrices whose rows come in multiples of 8: what a build with patch cpu-repack-q4-1
+    holds as repacked copies on an x86 CPU with AVX2."""
 
     @property
     def has_swa(self) -> bool:
@@ -925,6 +928,10 @@ def _build_info(path: Path, header: _Header) -> ModelInfo:
             t.n_elements // GGML_QUANT_SIZES[GGMLQuantizationType.Q5_0][0] for t in header.tensors
             if t.ggml_type == GGMLQuantizationType.Q5_0 and t.name != "token_embd.weight"
             and len(t.dims) == 2 and t.dims[0] % 32 == 0 and t.dims[1] % 32 == 0
+        ),
+        q4_1_matrix_bytes=sum(
+            t.n_bytes for t in header.tensors
+            if t.ggml_type == GGMLQuantizationType.Q4_1 and len(t.dims) >= 2 and t.dims[1] % 8 == 0
         ),
     )
 
