@@ -31,6 +31,7 @@ from velollm_patch import proc, serve
 from velollm_patch.bench.scenarios import PROMPTS_DIR
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.serve import RunningServer
+from velollm_patch.tune import CPU_REPACK_Q8_0_PATCH
 
 StartServer = Callable[..., RunningServer]
 
@@ -159,15 +160,17 @@ def _same_kernel_args(patched: InstalledBuild, vanilla: InstalledBuild) -> tuple
     """Arguments, for both builds, under which they run the same CPU kernels, so that any difference in their
     outputs comes from the KV cache. The two plans differ only where a patch makes a backend usable: on an AMX
     CPU the patched build has AMX on (patch 0004 fixes its tile config; vanilla's would crash), and AMX is an
-    extra buffer type that holds repacked weights; on x86 with AVX2 the patched build repacks Q4_1 weights
-    (patch cpu-repack-q4-1). --no-repack keeps the weights in plain buffers."""
+    extra buffer type that holds repacked weights; on x86 the patched build repacks Q4_1 weights (patch
+    cpu-repack-q4-1, AVX2) and Q8_0 and Q5_0 weights (cpu-repack-q8-0, VNNI). --no-repack keeps the weights in
+    plain buffers."""
 
     def ggml_flags(build: InstalledBuild) -> set[str]:
         return {a for a in build.manifest["cmake_args"] if a.startswith("-DGGML_")}
 
     differing = ggml_flags(patched) ^ ggml_flags(vanilla)
     assert all(a.startswith("-DGGML_AMX_") for a in differing), sorted(differing)
-    return ("--no-repack",) if differing or CPU_REPACK_Q4_1_PATCH in patched.patch_names else ()
+    repacking = {CPU_REPACK_Q4_1_PATCH, CPU_REPACK_Q8_0_PATCH} & set(patched.patch_names)
+    return ("--no-repack",) if differing or repacking else ()
 
 
 def test_greedy_output_identical_to_vanilla(

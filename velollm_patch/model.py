@@ -695,12 +695,16 @@ class ModelInfo:
     """How many files the model is split into (llama.cpp ``split.count``); 1 for a single file."""
     tied_embedding: tuple[str, int] | None = None
     """(ggml type, bytes) of ``token_embd.weight`` when the file has no ``output.weight``: llama.cpp then
-    multiplies by a duplicate of the embeddings, which a repacking buffer type (AMX) holds as a copy."""
+    multiplies by a duplicate of the embeddings, which a repacking buffer type (AMX, CPU_REPACK) may hold as a
+    copy."""
     embedding_bytes: int = 0
     """Bytes of ``token_embd.weight``, which only the embedding lookup reads (unless the output is tied)."""
     q5_0_matrix_blocks: int = 0
     """Q5_0 blocks of the matrices whose dimensions are both multiples of 32, ``token_embd`` left out: what
     an AMX build with the widening patch holds as Q8_0 copies."""
+    q5_0_rows8_blocks: int = 0
+    """Q5_0 blocks of the plain matrices whose rows come in multiples of 8, ``token_embd`` left out: what a
+    build with patch cpu-repack-q8-0 holds widened to Q8_0 on an x86 CPU with VNNI."""
     q4_1_matrix_bytes: int = 0
     """Bytes of the Q4_1 matrices whose rows come in multiples of 8: what a build with patch cpu-repack-q4-1
     holds as repacked copies on an x86 CPU with AVX2."""
@@ -928,6 +932,11 @@ def _build_info(path: Path, header: _Header) -> ModelInfo:
             t.n_elements // GGML_QUANT_SIZES[GGMLQuantizationType.Q5_0][0] for t in header.tensors
             if t.ggml_type == GGMLQuantizationType.Q5_0 and t.name != "token_embd.weight"
             and len(t.dims) == 2 and t.dims[0] % 32 == 0 and t.dims[1] % 32 == 0
+        ),
+        q5_0_rows8_blocks=sum(
+            t.n_elements // GGML_QUANT_SIZES[GGMLQuantizationType.Q5_0][0] for t in header.tensors
+            if t.ggml_type == GGMLQuantizationType.Q5_0 and t.name != "token_embd.weight"
+            and len(t.dims) == 2 and t.dims[1] % 8 == 0
         ),
         q4_1_matrix_bytes=sum(
             t.n_bytes for t in header.tensors

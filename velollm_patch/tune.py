@@ -53,6 +53,7 @@ GPU_BACKENDS = ("cuda", "rocm", "metal", "vulkan")
 KV_ON_DEMAND_PATCH = "kv-on-demand"
 SPEC_ADAPTIVE_PATCH = "spec-adaptive"
 AMX_WIDEN_PATCH = "amx-widen-q5-0"
+CPU_REPACK_Q8_0_PATCH = "cpu-repack-q8-0"
 LAZY_EMBEDDING_PATCH = "lazy-token-embd"
 # The page the embedding lookup faults in per row it reads from the mapped file (x86-64, arm64 Linux).
 PAGE_BYTES = 4096
@@ -121,6 +122,9 @@ class BuildFacts:
     fit_params_flags: ServerFlags | None = None
     amx: bool = False
     """Built with upstream's AMX kernels (planned only for CPUs that have AMX, with patch 0004)."""
+    cpu_repack_q8_0: bool = False
+    """Q8_0 and Q5_0 matrices go to the CPU_REPACK buffer: patch cpu-repack-q8-0 in an x86 build with VNNI
+    (its kernels need it) and without AMX (whose buffer takes those types first)."""
 
     @classmethod
     def from_build(cls, build: InstalledBuild, paths: Paths) -> BuildFacts:
@@ -133,6 +137,8 @@ class BuildFacts:
             log.debug("no memory oracle: %s", exc)
             fit = None
         pairs = build.manifest.get("fa_kv_pairs")
+        cmake_args = set(build.manifest.get("cmake_args", ()))
+        amx = "-DGGML_AMX_INT8=ON" in cmake_args
         return cls(
             build_id=build.build_id,
             backend=str(build.manifest.get("backend", "cpu")),
@@ -141,7 +147,11 @@ class BuildFacts:
             flags=read_server_flags(build.bin("llama-server"), paths),
             fit_params=fit,
             fit_params_flags=fit_flags,
-            amx="-DGGML_AMX_INT8=ON" in build.manifest.get("cmake_args", ()),
+            amx=amx,
+            cpu_repack_q8_0=CPU_REPACK_Q8_0_PATCH in build.patch_names and not amx and (
+                "-DGGML_AVX_VNNI=ON" in cmake_args
+                or {"-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON"} <= cmake_args  # GGML_AVX512 brings AVX512-VL
+            ),
         )
 
     def has_patch(self, name: str) -> bool:
@@ -714,9 +724,7 @@ class _Planner:
             return s, memory
         if not self.build.flags.accepts("--lazy-mode"):
             return s, memory
-        if model.tied_embedding is not None and not (
-            self.build.amx and amx_tied_output_bytes(model, self.build.has_patch(AMX_WIDEN_PATCH))
-        ):
+        if model.tied_embedding is not None and not repacked_tied_output_bytes(self.build, model):
             return s, memory
         touched = lazy_embedding_bytes(model, s.ctx_total)
         self.note(
@@ -984,6 +992,8 @@ _AMX_ROW_MULTIPLE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 25
                      "F16": 16}  # fmt: skip
 # Patch amx-widen-q5-0 stores a Q5_0 block (22 bytes) as a packed Q8_0 block: 34 bytes and 4 of compensation.
 _AMX_WIDENED_Q5_0_EXTRA = 34 + _AMX_BLOCK_EXTRA["Q8_0"] - 22
+# Patch cpu-repack-q8-0 stores a Q5_0 block as a Q8_0 one (34 bytes) in the CPU_REPACK buffer.
+_CPU_WIDENED_Q5_0_EXTRA = 34 - 22
 
 
 def amx_tied_output_bytes(model: ModelInfo, widen: bool) -> int:
@@ -1006,6 +1016,27 @@ def amx_tied_output_bytes(model: ModelInfo, widen: bool) -> int:
         return 0
     block, _ = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
     return n_bytes + model.n_embd // block * model.vocab.n_tokens * extra
+
+
+def repacked_tied_output_bytes(build: BuildFacts, model: ModelInfo) -> int:
+    """Bytes of the repacked copy (AMX, or CPU_REPACK with patch cpu-repack-q8-0) of a tied output matrix, which
+    ``llama-fit-params`` counts in no row; 0 when the output product reads the embedding itself."""
+    if build.amx:
+        return amx_tied_output_bytes(model, build.has_patch(AMX_WIDEN_PATCH))
+    if not build.cpu_repack_q8_0 or model.tied_embedding is None or model.vocab is None:
+        return 0
+    ggml_type, _ = model.tied_embedding
+    if ggml_type not in ("Q8_0", "Q5_0") or model.n_embd % 32 or model.vocab.n_tokens % 8:
+        return 0
+    return model.n_embd // 32 * model.vocab.n_tokens * 34  # Q8_0 blocks, a Q5_0 one widened
+
+
+def widened_q5_0_extra_bytes(build: BuildFacts, model: ModelInfo) -> int:
+    """What storing the Q5_0 matrices widened to Q8_0 adds to their repacked copies (the dry run counts them at
+    their file size)."""
+    if build.amx:
+        return model.q5_0_matrix_blocks * _AMX_WIDENED_Q5_0_EXTRA if build.has_patch(AMX_WIDEN_PATCH) else 0
+    return model.q5_0_rows8_blocks * _CPU_WIDENED_Q5_0_EXTRA if build.cpu_repack_q8_0 else 0
 
 
 def lazy_embedding_bytes(model: ModelInfo, ctx_total: int) -> int:
@@ -1040,13 +1071,10 @@ def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: 
         weights += repack
         host += 2 * repack
         originals = repack
-        if build.amx:
-            widen = build.has_patch(AMX_WIDEN_PATCH)
-            tied = amx_tied_output_bytes(model, widen)
-            # the dry run's rows put the Q5_0 matrices among the repacked ones at their file size
-            widened = model.q5_0_matrix_blocks * _AMX_WIDENED_Q5_0_EXTRA if widen else 0
-            repack += tied + widened
-            host += tied + widened  # a tied original stays mapped for the embedding lookup: it is in the weights
+        tied = repacked_tied_output_bytes(build, model)
+        widened = widened_q5_0_extra_bytes(build, model)
+        repack += tied + widened
+        host += tied + widened  # a tied original stays mapped for the embedding lookup: it is in the weights
     draft = _draft_bytes(s)
     # The draft goes where the target's layers go (-ngld all on a GPU build).
     if s.gpu_layers:
