@@ -702,6 +702,27 @@ def test_lazy_embedding_saves_at_least_what_the_plan_says(
     assert text["embd"] == text["auto"]
 
 
+def _perplexity(build: InstalledBuild, model: Path, env: dict[str, str], *args: str) -> str:
+    """The log of ``llama-perplexity`` on MODEL (256-token chunks, flash attention, 2 threads, buffer sizes logged)
+    with ENV added to the environment."""
+    command = [str(build.bin("llama-perplexity")), "-m", str(model), "-c", "256", "-b", "256", "-fa", "on", "-t", "2",
+               "-v", *args]  # fmt: skip
+    return proc.run(command, env={**os.environ, **env}).output
+
+
+def _model_buffer_bytes(log: str, buffer: str) -> float:
+    """The size of the BUFFER model buffer a run logged last (the memory-fit dry run logs its empty buffers
+    first); 0 when it logged none."""
+    sizes = re.findall(rf"{buffer} model buffer size = +([\d.]+) MiB", log)
+    return float(sizes[-1]) * MiB if sizes else 0.0
+
+
+def _code_edit_text(tmp_path: Path) -> Path:
+    text = tmp_path / "text.txt"
+    text.write_text((PROMPTS_DIR / "code_edit_source.txt").read_text() * 2)
+    return text
+
+
 @pytest.mark.slow
 def test_amx_widened_q5_0_matrices(
     real_facts: BuildFacts, patched_build: InstalledBuild, gemma3: ModelInfo, tmp_path: Path
@@ -711,20 +732,14 @@ def test_amx_widened_q5_0_matrices(
     the float summation order differs; a wrong bit in the widening moves it by orders of magnitude)."""
     if not real_facts.amx or AMX_WIDEN_PATCH not in real_facts.patches:
         pytest.skip("not an AMX build with the widening patch (needs a CPU with AMX)")
-    text = tmp_path / "text.txt"
-    text.write_text((PROMPTS_DIR / "code_edit_source.txt").read_text() * 2)
+    text = _code_edit_text(tmp_path)
     results = {}
     for widen in ("0", "1"):
-        out = proc.run(
-            [str(patched_build.bin("llama-perplexity")), "-m", str(gemma3.path), "-f", str(text), "-c", "256",
-             "-b", "256", "-fa", "on", "-t", "2", "-v"],
-            env={**os.environ, "GGML_AMX_WIDEN": widen},
-        ).output
+        out = _perplexity(patched_build, gemma3.path, {"GGML_AMX_WIDEN": widen}, "-f", str(text))
         ppl = re.search(r"Final estimate: PPL = ([\d.]+)", out)
-        # the last one: the memory-fit dry run logs its (empty) buffers first
-        amx = re.findall(r"AMX model buffer size = +([\d.]+) MiB", out)
+        amx = _model_buffer_bytes(out, "AMX")
         assert ppl and amx, out[-2000:]
-        results[widen] = (float(ppl.group(1)), float(amx[-1]) * MiB)
+        results[widen] = (float(ppl.group(1)), amx)
     (ppl_off, amx_off), (ppl_on, amx_on) = results["0"], results["1"]
     assert abs(ppl_on / ppl_off - 1) < 0.005, results
     q5_0_bytes = gemma3.q5_0_matrix_blocks * 22
@@ -743,20 +758,13 @@ def test_q4_1_matrices_repacked_on_avx2(
     if CPU_REPACK_Q4_1_PATCH not in real_facts.patches or not live_hardware.cpu.has("avx2"):
         pytest.skip("needs an x86 CPU with AVX2 and a build with the Q4_1 repacking patch")
     q4_1_bytes = smollm2.q4_1_matrix_bytes
-    text = tmp_path / "text.txt"
-    text.write_text((PROMPTS_DIR / "code_edit_source.txt").read_text() * 2)
+    text = _code_edit_text(tmp_path)
     results = {}
     for repack in ("0", "1"):
-        out = proc.run(
-            [str(patched_build.bin("llama-perplexity")), "-m", str(smollm2.path), "-f", str(text), "-c", "256",
-             "-b", "256", "-fa", "on", "-t", "2", "-v"],
-            env={**os.environ, "GGML_CPU_REPACK_Q4_1": repack},
-        ).output
+        out = _perplexity(patched_build, smollm2.path, {"GGML_CPU_REPACK_Q4_1": repack}, "-f", str(text))
         ppl = re.search(r"Final estimate: PPL = ([\d.]+)", out)
         assert ppl, out[-2000:]
-        # the last one: the memory-fit dry run logs its (empty) buffers first
-        buffers = re.findall(r"CPU_REPACK model buffer size = +([\d.]+) MiB", out)
-        results[repack] = (float(ppl.group(1)), float(buffers[-1]) * MiB if buffers else 0.0)
+        results[repack] = (float(ppl.group(1)), _model_buffer_bytes(out, "CPU_REPACK"))
     (ppl_off, repacked_off), (ppl_on, repacked_on) = results["0"], results["1"]
     assert abs(ppl_on / ppl_off - 1) < 0.005, results
     assert abs(repacked_on - repacked_off - q4_1_bytes) <= MiB, (results, q4_1_bytes / MiB)
@@ -779,18 +787,13 @@ def test_q8_0_and_q5_0_matrices_repacked_on_vnni(
     assert real_facts.cpu_repack_q8_0 == (has_patch and vnni and not real_facts.amx)
     if not real_facts.cpu_repack_q8_0:
         pytest.skip("needs an x86 CPU with VNNI and without AMX, and a build with the Q8_0 repacking patch")
-    text = tmp_path / "text.txt"
-    text.write_text((PROMPTS_DIR / "code_edit_source.txt").read_text() * 2)
-    base = tmp_path / "logits.bin"
-    perplexity = [str(patched_build.bin("llama-perplexity")), "-m", str(gemma3.path), "-c", "256", "-b", "256",
-                  "-fa", "on", "-t", "2", "-v", "--kl-divergence-base", str(base)]
+    base = ("--kl-divergence-base", str(tmp_path / "logits.bin"))
     outputs = {
-        "0": proc.run([*perplexity, "-f", str(text)], env={**os.environ, "GGML_CPU_REPACK_Q8_0": "0"}).output,
-        "1": proc.run([*perplexity, "--kl-divergence"], env={**os.environ, "GGML_CPU_REPACK_Q8_0": "1"}).output,
-    }
-    # the last one: the memory-fit dry run logs its (empty) buffers first
-    repacked = {k: float((re.findall(r"CPU_REPACK model buffer size = +([\d.]+) MiB", out) or ["0"])[-1]) * MiB
-                for k, out in outputs.items()}
+        "0": _perplexity(patched_build, gemma3.path, {"GGML_CPU_REPACK_Q8_0": "0"}, *base,
+                         "-f", str(_code_edit_text(tmp_path))),
+        "1": _perplexity(patched_build, gemma3.path, {"GGML_CPU_REPACK_Q8_0": "1"}, *base, "--kl-divergence"),
+    }  # fmt: skip
+    repacked = {k: _model_buffer_bytes(out, "CPU_REPACK") for k, out in outputs.items()}
     kld = re.search(r"Mean +KLD: +([\d.]+)", outputs["1"])
     same_top = re.search(r"Same top p: +([\d.]+)", outputs["1"])
     assert kld and same_top, outputs["1"][-2000:]
