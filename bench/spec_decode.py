@@ -17,7 +17,11 @@ variants ABAB (the order is reversed on every other repetition):
    as the tuner plans it), and ngram-mod with fixed n_max (per request).
 3. draft context: RSS of a -c 32768 server with the draft, with and without ``--spec-draft-ctx 2048``.
 
-Every run checks that the generated text is byte-identical to the no-speculation run (lossless).
+Every run checks that the generated text is byte-identical to the no-speculation run (lossless). Speculation
+turns the batch-invariant CPU kernels on (patch 0013, ``--spec-batch-invariant auto``), which compute a token
+the same whether alone or in a verification batch, but not always as upstream's single-token kernels do; so the
+reference text comes from "plain-bi", a server without speculation started with ``--spec-batch-invariant on``
+(where the server has the flag), and "plain" (upstream's kernels) sets the speed ratios.
 Decode speed is timings.predicted_n / timings.predicted_ms summed over the prompts.
 
     python bench/spec_decode.py --server PATH --draft SmolLM2-135M-Instruct.Q4_1.gguf --out results.json
@@ -42,6 +46,8 @@ import psutil
 from velollm_patch import serve
 
 MiB = 1024 * 1024
+# no speculation, with the kernels speculation runs on (patch 0013): the lossless reference
+BATCH_INVARIANT = ["--spec-batch-invariant", "on"]
 
 GEN_PROMPTS = [
     "<|im_start|>user\nWrite a Python class for a bank account with deposit, withdraw and a transaction history. "
@@ -75,6 +81,11 @@ def code_edit_prompt() -> str:
         + "\n```\n\nRewrite the whole file, renaming the parameter `factor` to `scale` in every function. "
         "Output the complete file.<|im_end|>\n<|im_start|>assistant\n```python\n"
     )
+
+
+def has_batch_invariant(binary: Path) -> bool:
+    help_text = subprocess.run([str(binary), "--help"], capture_output=True, text=True, check=False).stdout
+    return BATCH_INVARIANT[0] in help_text
 
 
 def start(binary: Path, model: Path, args: list[str], log_dir: Path, name: str) -> serve.RunningServer:
@@ -117,10 +128,12 @@ def abab(order: list[str], rep: int) -> list[str]:
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]], reference: str, subject: str) -> dict[str, Any]:
-    """Per variant: mean tokens/s, acceptance, losslessness against ``reference``, and ``subject``'s tokens/s
-    over the variant's within each rep (adjacent runs of the ABAB order), whose median shrugs off the host's
-    drift and the odd slow run that move a mean of a few reps by more than the margins compared."""
-    ref_texts = runs[reference][0]["texts"]
+    """Per variant: mean tokens/s, acceptance, losslessness against ``reference`` (the texts of plain-bi
+    where it ran, "same_text_as_plain" against upstream's kernels), and ``subject``'s tokens/s over the
+    variant's within each rep (adjacent runs of the ABAB order), whose median shrugs off the host's drift and
+    the odd slow run that move a mean of a few reps by more than the margins compared."""
+    plain_texts = runs[reference][0]["texts"]
+    ref_texts = runs["plain-bi"][0]["texts"] if "plain-bi" in runs else plain_texts
     out: dict[str, Any] = {}
     for name, rs in runs.items():
         tps = [r["tps"] for r in rs]
@@ -133,6 +146,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], reference: str, subject: st
             "acceptance": acc / drafted if drafted else None,
             "draft_n": drafted,
             "lossless": all(r["texts"] == ref_texts for r in rs),
+            "same_text_as_plain": all(r["texts"] == plain_texts for r in rs),
             "tokens": rs[0]["tokens"],
             f"{subject}_over_this_per_rep": paired,
             f"{subject}_over_this_median": statistics.median(paired) if paired else None,
@@ -157,6 +171,9 @@ def bench_draft(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     # "plain" runs on a second server without a draft model: with speculative.enabled=false the draft model
     # still ingests every token (it keeps its KV cache in step with the target), so it is not plain decoding
     variants: dict[str, dict[str, Any]] = {"plain": {}}
+    invariant = has_batch_invariant(args.server)
+    if invariant:
+        variants["plain-bi"] = {}
     for n in sweep:
         variants[f"fixed-{n}"] = {"speculative": {"adaptive": False, "n_max": n}}
     variants["adaptive"] = {"speculative": {"adaptive": True}}
@@ -166,9 +183,14 @@ def bench_draft(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     # learn the cost of every length from the fixed runs, which a real server does not get for free
     adaptive = start(args.server, args.target, srv_args, log_dir, "adaptive")
     server_of = {"plain": plain, "adaptive": adaptive}
+    if invariant:
+        server_of["plain-bi"] = start(
+            args.server, args.target, srv_args[: srv_args.index("-md")] + BATCH_INVARIANT, log_dir, "plain-bi"
+        )
+    servers = [srv, *server_of.values()]
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
     try:
-        for server in (srv, plain, adaptive):
+        for server in servers:
             complete(server, GEN_PROMPTS[0], 16)  # warm-up
         for rep in range(args.reps):
             for name in abab(list(variants), rep):
@@ -180,7 +202,7 @@ def bench_draft(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                 print(f"[draft] rep {rep} {name:10s} {r['tps']:7.2f} t/s  drafted {r['draft_n']:5d} "
                       f"accepted {r['draft_n_accepted']:5d}", flush=True)  # fmt: skip
     finally:
-        for server in (srv, plain, adaptive):
+        for server in servers:
             server.stop()
     res = summarize(runs, "plain", "adaptive")
     print_paired(res, "adaptive")
@@ -218,6 +240,8 @@ def bench_code_edit(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     prompts = [code_edit_prompt()]
     upstream = [name for name in args.edit_upstream.split(",") if name]
     configs = edit_configs([int(x) for x in args.edit_sweep.split(",") if x], upstream)
+    if has_batch_invariant(args.server):
+        configs = {"plain": configs.pop("plain"), "plain-bi": (BATCH_INVARIANT, {}), **configs}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
     cold: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
     cmds = {}

@@ -5,18 +5,23 @@ Q4_1 demo model with the patched build's llama-quantize, so both share the same 
 the draft model, and check:
 
 - lossless: greedy outputs with speculation (draft-simple fixed and adaptive, a windowed draft context, ngram-mod
-  adaptive, per-request off) are byte-identical to a server without speculation;
+  adaptive, per-request off) are byte-identical to a server without speculation on the same (batch-invariant)
+  kernels;
 - per-request ``speculative.*`` fields (nested object and flat keys) change the draft lengths observably;
 - bad values get HTTP 400 with a message naming the field (/completion and /v1/chat/completions);
 - the deprecated --draft-max/--draft-min flags and -md without --spec-type start the server with a deprecation
   warning; --no-spec-legacy-flags restores the upstream error;
 - /slots reports per-slot acceptance rate, mean accepted length and the current (adaptive) draft length, and the
   response timings keep draft_n / draft_n_accepted.
+- batch invariance (patch 0013): with --spec-batch-invariant (on by default when speculating) a token's
+  logits are the same bits whether it is computed alone or in a batch, checked on gemma3-270m (whose
+  Q4_K/Q6_K/Q5_0/Q8_0 mix and flash attention hit every batch-dependent CPU kernel upstream has), and n-gram
+  speculation with gemma3 is lossless too.
 
 No timing thresholds: only outputs, counters and messages are asserted.
 
-Inputs: the session fixtures ``start_patched_server``, ``smollm2_f16_gguf`` (target) and ``smollm2_gguf`` (draft)
-from tests/conftest.py.
+Inputs: the session fixtures ``start_patched_server``, ``smollm2_f16_gguf`` (target), ``smollm2_gguf`` (draft) and
+``gemma3_gguf`` from tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ CODE_EDIT_PROMPT = (
     + "\n\nRewritten file:\n"
 )
 
+# a prompt whose answer repeats it: n-gram drafts for any model
+COPY_PROMPT = "Copy the following file exactly, line by line.\n\n" + CODE_FILE + "\n\nCopy:\n"
 
 # --------------------------------------------------------------------------------------------------------------
 # servers
@@ -99,7 +106,8 @@ def _draft_args(draft: Path, *extra: str) -> list[str]:
 def test_speculation_is_lossless(start_server: StartServer, smollm2_f16_gguf: Path, smollm2_gguf: Path) -> None:
     prompts = [*PROMPTS, LONG_PROMPT, CODE_EDIT_PROMPT]
 
-    plain = start_server(smollm2_f16_gguf)
+    # the reference: no speculation, on the batch-invariant kernels that speculation turns on (see below)
+    plain = start_server(smollm2_f16_gguf, "--spec-batch-invariant", "on")
     reference = [_complete(plain, p)["content"] for p in prompts]
     plain.stop()
 
@@ -123,6 +131,42 @@ def test_speculation_is_lossless(start_server: StartServer, smollm2_f16_gguf: Pa
     ngram = start_server(smollm2_f16_gguf, "--spec-type", "ngram-mod", "--spec-adaptive")
     for prompt, ref in zip(prompts, reference, strict=True):
         assert _complete(ngram, prompt)["content"] == ref
+
+
+def _top_logprobs(server: RunningServer, prompt: str, n_predict: int) -> list[list[tuple[int, float]]]:
+    """(token id, logprob) of the 10 likeliest tokens at each generated position, as the server computed them."""
+    res = _complete(server, prompt, n_predict, n_probs=10)
+    return [[(t["id"], t["logprob"]) for t in pos["top_logprobs"]] for pos in res["completion_probabilities"]]
+
+
+def test_batched_tokens_are_computed_as_alone(start_server: StartServer, gemma3_gguf: Path) -> None:
+    prompts = [PROMPTS[0], CODE_EDIT_PROMPT]
+    # one prompt token per batch (the way plain decoding computes every generated token) ...
+    alone = start_server(gemma3_gguf, "--spec-batch-invariant", "on", "-b", "64", "-ub", "1")
+    assert "batch-invariant CPU kernels on" in alone.log_text()
+    expected = [_top_logprobs(alone, p, 4) for p in prompts]
+    alone.stop()
+    # ... and 64 per batch (the way a draft is verified): the same bits for the first generated token, which is
+    # computed from the prompt's last row, and for the ones after it
+    batched = start_server(gemma3_gguf, "--spec-batch-invariant", "on", "-b", "64", "-ub", "64")
+    for prompt, exp in zip(prompts, expected, strict=True):
+        assert _top_logprobs(batched, prompt, 4) == exp
+
+    # off by default without speculation (upstream's kernels), ...
+    assert "batch-invariant" not in start_server(gemma3_gguf, "-b", "64").log_text()
+    # ... on by default with it: n-gram speculation reproduces plain greedy decoding on the same kernels, both
+    # on a server without speculation and with speculation off per request. ngram-mod drafts up to 64 tokens,
+    # which with -b 64 must be capped at 63 (patch 0014; upstream aborts).
+    ngram = start_server(gemma3_gguf, "-b", "64", "--spec-type", "ngram-mod", "--spec-adaptive")
+    assert "batch-invariant CPU kernels on" in ngram.log_text()
+    drafted = 0
+    for prompt in [*prompts, COPY_PROMPT]:
+        plain = _complete(batched, prompt, 160)["content"]
+        res = _complete(ngram, prompt, 160)
+        assert res["content"] == plain
+        assert _complete(ngram, prompt, 160, speculative={"enabled": False})["content"] == plain
+        drafted += res["timings"].get("draft_n", 0)
+    assert drafted > 0
 
 
 def test_request_overrides_change_draft_lengths(

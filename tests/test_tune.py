@@ -137,6 +137,14 @@ SPEC_ADAPTIVE_HELP = """\
                                         (env: LLAMA_ARG_SPEC_ADAPTIVE_MIN)
 """
 
+SPEC_BATCH_INVARIANT_HELP = """\
+--spec-batch-invariant {on,off,auto}    CPU: compute each token of a batch of up to 128 tokens exactly as
+                                        alone, so that
+                                        speculative decoding gives plain greedy decoding's text bit for bit
+                                        (default: auto = on when a --spec-type is set)
+                                        (env: LLAMA_ARG_SPEC_BATCH_INVARIANT)
+"""
+
 
 @pytest.fixture(scope="module")
 def flags() -> ServerFlags:
@@ -508,6 +516,20 @@ def test_adaptive_draft_length_when_the_build_has_it(smollm2: ModelInfo, flags: 
     assert "--spec-adaptive" not in p.args
 
 
+def test_lossless_speculation_when_the_build_has_it(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    with_flag = ServerFlags("excerpt+invariant", (*flags.flags, *parse_help(SPEC_BATCH_INVARIANT_HELP)))
+    patched = facts(with_flag, patches=("spec-batch-invariant",))
+    p = plan(smollm2, recorded_hardware("cpu-2core"), patched, TuneRequest(workload="edit"))
+    assert arg(p, "--spec-batch-invariant") == "on" and p.env["LLAMA_ARG_SPEC_BATCH_INVARIANT"] == "on"
+    assert choice(p, "spec_batch_invariant") == "on"
+    assert p.to_dict()["settings"]["speculation"]["batch_invariant"] is True
+    # no speculation (chat, no draft model): nothing to verify
+    assert "--spec-batch-invariant" not in plan(smollm2, recorded_hardware("cpu-2core"), patched).args
+    # the flag without the patch in the manifest, as upstream
+    p = plan(smollm2, recorded_hardware("cpu-2core"), facts(with_flag), TuneRequest(workload="edit"))
+    assert "--spec-batch-invariant" not in p.args
+
+
 def test_requested_context_and_slots(gemma3: ModelInfo, flags: ServerFlags) -> None:
     p = plan(gemma3, recorded_hardware("cpu-2core"), facts(flags), TuneRequest(ctx=2048, slots=2))
     assert (arg(p, "--ctx-size"), arg(p, "--parallel"), arg(p, "--kv-unified-per-slot")) == ("4096", "2", "2048")
@@ -697,8 +719,9 @@ def test_lazy_embedding_saves_at_least_what_the_plan_says(
         server.stop()
     saved = rss["auto"] - rss["embd"]
     planned = model.embedding_bytes - lazy_embedding_bytes(model, p.settings.ctx_total)
-    # (up to a MiB of the process's other memory differs from run to run)
-    assert planned <= saved <= model.embedding_bytes + MiB, (saved / MiB, planned / MiB)
+    # (a few MiB of the process's other memory differ between the two servers: 0.2 to 2.4 MiB on the EPYC VM,
+    # with the level-15 and level-17 builds alike)
+    assert planned <= saved <= model.embedding_bytes + 4 * MiB, (saved / MiB, planned / MiB)
     assert text["embd"] == text["auto"]
 
 

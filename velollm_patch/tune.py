@@ -52,12 +52,14 @@ GPU_BACKENDS = ("cuda", "rocm", "metal", "vulkan")
 # Patches of our series the planner knows how to use (patches/llama.cpp/<pin>/series.toml names).
 KV_ON_DEMAND_PATCH = "kv-on-demand"
 SPEC_ADAPTIVE_PATCH = "spec-adaptive"
+SPEC_BATCH_INVARIANT_PATCH = "spec-batch-invariant"
 AMX_WIDEN_PATCH = "amx-widen-q5-0"
 CPU_REPACK_Q8_0_PATCH = "cpu-repack-q8-0"
 LAZY_EMBEDDING_PATCH = "lazy-token-embd"
 # The page the embedding lookup faults in per row it reads from the mapped file (x86-64, arm64 Linux).
 PAGE_BYTES = 4096
 SPEC_ADAPTIVE_MIN_FLAG = "--spec-adaptive-min"
+SPEC_BATCH_INVARIANT_FLAG = "--spec-batch-invariant"
 
 # GGML_CUDA_FA_QUANTS' default (ggml/CMakeLists.txt); builds that did not record their own list
 # (ROCm builds share the CUDA flash-attention code) have exactly these vec kernels.
@@ -200,6 +202,8 @@ class Speculation:
     draft_p_min: float | None = None
     adaptive_flag: str | None = None
     adaptive_min: int | None = None  # with adaptive: the smallest draft length (0 lets the server stop drafting)
+    batch_invariant: bool = False
+    """CPU kernels compute each token of a verification batch as alone (patch spec-batch-invariant): lossless."""
 
 
 @dataclass(frozen=True)
@@ -298,6 +302,7 @@ class Plan:
             "draft_p_min": spec.draft_p_min,
             "adaptive_flag": spec.adaptive_flag,
             "adaptive_min": spec.adaptive_min,
+            "batch_invariant": spec.batch_invariant,
         }
         return {
             "model": str(self.model.path),
@@ -821,7 +826,20 @@ class _Planner:
                         "stop drafting where drafts cost more than they return (the server still tries a draft "
                         "length every 32 steps)",
                     )
-        return Speculation(tuple(types), draft, n_max, p_min, adaptive, adaptive_min)
+        # Upstream's CPU kernels sum a token of a verification batch in another order than the same token
+        # alone; at a near-tie greedy decoding then picks another token and the text changes.
+        batch_invariant = (
+            self.build.backend == "cpu"
+            and self.build.has_patch(SPEC_BATCH_INVARIANT_PATCH)
+            and flags.accepts(SPEC_BATCH_INVARIANT_FLAG)
+        )
+        if batch_invariant:
+            self.note(
+                "spec_batch_invariant", "on",
+                "verification batches are computed bit for bit as single tokens, so speculation gives plain "
+                "greedy decoding's text",
+            )
+        return Speculation(tuple(types), draft, n_max, p_min, adaptive, adaptive_min, batch_invariant)
 
     def _draft(self, offered: tuple[str, ...]) -> DraftCandidate | None:
         req = self.req
@@ -896,6 +914,8 @@ def _arg_table(s: Settings) -> list[tuple[str, tuple[str, ...], str | None]]:
             rows.append(("spec_adaptive", (spec.adaptive_flag,), None))
         if spec.adaptive_min is not None:
             rows.append(("spec_adaptive_min", (SPEC_ADAPTIVE_MIN_FLAG,), str(spec.adaptive_min)))
+        if spec.batch_invariant:
+            rows.append(("spec_batch_invariant", (SPEC_BATCH_INVARIANT_FLAG,), "on"))
     # /metrics carries the speculation and (with the on-demand patch) KV gauges serve and bench read.
     rows.append(("metrics", ("--metrics",), None))
     return rows
