@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: speculative decoding that tunes itself (patches 0010-0012, issue #4).
+"""Benchmark: speculative decoding that tunes itself (patches 0010-0013, issue #4).
 
 Runs real llama-server processes on 127.0.0.1, greedy, the same prompts for every variant, alternating the
 variants ABAB (the order is reversed on every other repetition):

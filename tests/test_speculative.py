@@ -1,4 +1,4 @@
-"""Speculative decoding that tunes itself: patches 0010-0012 (issue #4).
+"""Speculative decoding that tunes itself: patches 0010-0014 (issue #4).
 
 These tests start the real patched llama-server on 127.0.0.1 with SmolLM2-135M as an F16 target (made from the
 Q4_1 demo model with the patched build's llama-quantize, so both share the same weights) and the Q4_1 original as
@@ -16,7 +16,8 @@ the draft model, and check:
 - batch invariance (patch 0013): with --spec-batch-invariant (on by default when speculating) a token's
   logits are the same bits whether it is computed alone or in a batch, checked on gemma3-270m (whose
   Q4_K/Q6_K/Q5_0/Q8_0 mix and flash attention hit every batch-dependent CPU kernel upstream has), and n-gram
-  speculation with gemma3 is lossless too.
+  speculation with gemma3 is lossless too, with a batch smaller than ngram-mod's longest draft (patch 0014
+  caps the draft; upstream aborts).
 
 No timing thresholds: only outputs, counters and messages are asserted.
 

@@ -138,9 +138,10 @@ SPEC_ADAPTIVE_HELP = """\
 """
 
 SPEC_BATCH_INVARIANT_HELP = """\
---spec-batch-invariant {on,off,auto}    CPU: compute each token of a batch of up to 128 tokens exactly as
-                                        alone, so that
-                                        speculative decoding gives plain greedy decoding's text bit for bit
+--spec-batch-invariant {on,off,auto}    CPU: compute each token of a batch exactly as alone, so that
+                                        speculative decoding
+                                        gives plain greedy decoding's text bit for bit (single tokens get
+                                        slower)
                                         (default: auto = on when a --spec-type is set)
                                         (env: LLAMA_ARG_SPEC_BATCH_INVARIANT)
 """
