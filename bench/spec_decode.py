@@ -44,6 +44,8 @@ from typing import Any
 import psutil
 
 from velollm_patch import serve
+from velollm_patch.paths import get_paths
+from velollm_patch.server_flags import read_server_flags
 
 MiB = 1024 * 1024
 # no speculation, with the kernels speculation runs on (patch 0013): the lossless reference
@@ -84,8 +86,7 @@ def code_edit_prompt() -> str:
 
 
 def has_batch_invariant(binary: Path) -> bool:
-    help_text = subprocess.run([str(binary), "--help"], capture_output=True, text=True, check=False).stdout
-    return BATCH_INVARIANT[0] in help_text
+    return read_server_flags(binary, get_paths()).accepts(BATCH_INVARIANT[0])
 
 
 def start(binary: Path, model: Path, args: list[str], log_dir: Path, name: str) -> serve.RunningServer:
