@@ -11,8 +11,8 @@ variants ABAB (the order is reversed on every other repetition):
    the draft, adaptive (``adaptive=true``, cap 16) on a server of its own, so that its step-time model learns
    only from its own requests.
 2. code-edit workload ("fast apply": the prompt holds a ~150-line file, the answer rewrites it with small
-   changes) with n-gram speculation.  A fresh server per configuration, warmed up with one run of the same
-   edit, then measured: no speculation, ``--spec-default`` (ngram-mod 24/48/64), ngram-simple, ngram-map-k,
+   changes) with n-gram speculation.  Long-lived servers per configuration, each warmed up with one run of the
+   same edit, then measured in turn: no speculation, ``--spec-default`` (ngram-mod 24/48/64), ngram-simple, ngram-map-k,
    ngram-map-k4v (upstream defaults), ngram-mod with ``--spec-adaptive`` (and with ``--spec-adaptive-min 0``,
    as the tuner plans it), and ngram-mod with fixed n_max (per request).
 3. draft context: RSS of a -c 32768 server with the draft, with and without ``--spec-draft-ctx 2048``.
@@ -234,9 +234,12 @@ def edit_configs(sweep: list[int], upstream: list[str]) -> dict[str, tuple[list[
 
 
 def bench_code_edit(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    """Every configuration on a fresh server, warmed up with one run of the same edit (n-gram tables such
-    as ngram-mod's learn from earlier generations, so a cold first request and a warm later one differ a
-    lot; giving each configuration the same history keeps the comparison fair), then measured."""
+    """Every configuration on ``--edit-servers`` long-lived servers of its own, each warmed up with one run of
+    the same edit (n-gram tables such as ngram-mod's learn from earlier generations, so a cold first request and
+    a warm later one differ a lot; giving every server the same history keeps the comparison fair), then the
+    measured runs alternate between the servers ABAB.  A fresh server per measured run, as this bench did up to
+    level 20, put two servers of one configuration up to 12 % apart; long-lived servers alternated agree within
+    about 1 % (BENCHMARKS.md, level 20)."""
     base = ["-t", str(args.threads), "-c", "8192", "-np", "1", "--cache-ram", "0", "--no-warmup"]
     prompts = [code_edit_prompt()]
     upstream = [name for name in args.edit_upstream.split(",") if name]
@@ -245,29 +248,35 @@ def bench_code_edit(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         configs = {"plain": configs.pop("plain"), "plain-bi": (BATCH_INVARIANT, {}), **configs}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
     cold: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
-    cmds = {}
-    for rep in range(args.reps):
-        for name in abab(list(configs), rep):
-            flags, extra = configs[name]
-            srv = start(args.server, args.target, base + flags, log_dir, f"edit-{name}-{rep}")
-            cmds[name] = command(srv)
-            try:
+    servers: dict[str, list[serve.RunningServer]] = {k: [] for k in configs}
+    try:
+        for name, (flags, extra) in configs.items():
+            for i in range(args.edit_servers):
+                srv = start(args.server, args.target, base + flags, log_dir, f"edit-{name}-{i}")
+                servers[name].append(srv)
                 c = run_prompts(srv, prompts, args.n_predict_edit, **extra)  # warm-up: same task, same settings
-                r = run_prompts(srv, prompts, args.n_predict_edit, **extra)
-                if name == "ngram-mod-adaptive":
-                    r["slot"] = slot0(srv).get("speculative_stats")
-            finally:
+                cold[name].append(c)
+                print(f"[edit]  warm-up {name:20s}#{i} {c['tps']:7.2f} t/s", flush=True)
+        for rep in range(args.reps):
+            for name in abab(list(configs), rep):
+                for i, srv in enumerate(servers[name]):
+                    r = run_prompts(srv, prompts, args.n_predict_edit, **configs[name][1])
+                    if name == "ngram-mod-adaptive":
+                        r["slot"] = slot0(srv).get("speculative_stats")
+                    runs[name].append(r)
+                    print(f"[edit]  rep {rep} {name:20s}#{i} {r['tps']:7.2f} t/s  drafted {r['draft_n']:5d} "
+                          f"accepted {r['draft_n_accepted']:5d}", flush=True)  # fmt: skip
+    finally:
+        for group in servers.values():
+            for srv in group:
                 srv.stop()
-            cold[name].append(c)
-            runs[name].append(r)
-            print(f"[edit]  rep {rep} {name:20s} {r['tps']:7.2f} t/s  drafted {r['draft_n']:5d} "
-                  f"accepted {r['draft_n_accepted']:5d}  (cold {c['tps']:7.2f} t/s)", flush=True)  # fmt: skip
     res = summarize(runs, "plain", "ngram-mod-adaptive")
     print_paired(res, "ngram-mod-adaptive")
     res["ngram-mod-adaptive"]["slot_stats_last"] = runs["ngram-mod-adaptive"][-1].get("slot")
-    return {"server_cmds": cmds, "per_request": {k: v[1] for k, v in configs.items()}, "results": res,
-            "cold_first_request": summarize(cold, "plain", "ngram-mod-adaptive"), "prompt_chars": len(prompts[0]),
-            "file_lines": code_file().count("\n") + 1}  # fmt: skip
+    return {"server_cmds": {k: command(v[0]) for k, v in servers.items()},
+            "per_request": {k: v[1] for k, v in configs.items()}, "servers_per_config": args.edit_servers,
+            "results": res, "cold_first_request": summarize(cold, "plain", "ngram-mod-adaptive"),
+            "prompt_chars": len(prompts[0]), "file_lines": code_file().count("\n") + 1}  # fmt: skip
 
 
 def bench_draft_ctx(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
@@ -306,6 +315,8 @@ def main() -> int:
     ap.add_argument("--n-predict-edit", type=int, default=1024, help="tokens per prompt, code-edit workload")
     ap.add_argument("--sweep", default="1,2,3,4,5,6,8,10,12,16", help="fixed n_max values, draft-model workload")
     ap.add_argument("--edit-sweep", default="4,8,16,32,64", help="fixed ngram-mod n_max values, code-edit workload")
+    ap.add_argument("--edit-servers", type=int, default=1,
+                    help="long-lived servers per configuration, code-edit workload (default 1)")
     ap.add_argument("--edit-upstream", default=",".join(list(UPSTREAM_NGRAM)[1:]),
                     help="upstream n-gram configurations to compare, code-edit workload")
     ap.add_argument("--threads", type=int, default=max(1, psutil.cpu_count(logical=False) or 1))
