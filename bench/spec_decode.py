@@ -12,9 +12,9 @@ variants ABAB (the order is reversed on every other repetition):
    only from its own requests.
 2. code-edit workload ("fast apply": the prompt holds a ~150-line file, the answer rewrites it with small
    changes) with n-gram speculation.  Long-lived servers per configuration, each warmed up with one run of the
-   same edit, then measured in turn: no speculation, ``--spec-default`` (ngram-mod 24/48/64), ngram-simple, ngram-map-k,
-   ngram-map-k4v (upstream defaults), ngram-mod with ``--spec-adaptive`` (and with ``--spec-adaptive-min 0``,
-   as the tuner plans it), and ngram-mod with fixed n_max (per request).
+   same edit, then measured in turn: no speculation, ``--spec-default`` (ngram-mod 24/48/64), ngram-simple,
+   ngram-map-k, ngram-map-k4v (upstream defaults), ngram-mod with ``--spec-adaptive`` (and with
+   ``--spec-adaptive-min 0``, as the tuner plans it), and ngram-mod with fixed n_max (per request).
 3. draft context: RSS of a -c 32768 server with the draft, with and without ``--spec-draft-ctx 2048``.
 
 Every run checks that the generated text is byte-identical to the no-speculation run (lossless). Speculation
@@ -128,6 +128,24 @@ def abab(order: list[str], rep: int) -> list[str]:
     return order if rep % 2 == 0 else list(reversed(order))
 
 
+def measure_alternating(servers: dict[str, list[serve.RunningServer]], requests: dict[str, dict[str, Any]],
+                        prompts: list[str], n_predict: int, reps: int, subject: str,
+                        tag: str) -> dict[str, list[dict[str, Any]]]:
+    """The measured runs: every variant's servers in turn, the order reversed on every other rep (ABAB), each
+    run with the variant's per-request fields; ``subject``'s runs also keep its slot statistics."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    for rep in range(reps):
+        for name in abab(list(servers), rep):
+            for i, server in enumerate(servers[name]):
+                r = run_prompts(server, prompts, n_predict, **requests[name])
+                if name == subject:
+                    r["slot"] = slot0(server).get("speculative_stats")
+                runs[name].append(r)
+                print(f"[{tag}] rep {rep} {name:20s}#{i} {r['tps']:7.2f} t/s  drafted {r['draft_n']:5d} "
+                      f"accepted {r['draft_n_accepted']:5d}", flush=True)  # fmt: skip
+    return runs
+
+
 def summarize(runs: dict[str, list[dict[str, Any]]], reference: str, subject: str) -> dict[str, Any]:
     """Per variant: mean tokens/s, acceptance, losslessness against ``reference`` (the texts of plain-bi
     where it ran, "same_text_as_plain" against upstream's kernels), and ``subject``'s tokens/s over the
@@ -178,37 +196,29 @@ def bench_draft(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     for n in sweep:
         variants[f"fixed-{n}"] = {"speculative": {"adaptive": False, "n_max": n}}
     variants["adaptive"] = {"speculative": {"adaptive": True}}
-    srv = start(args.server, args.target, srv_args, log_dir, "draft")
-    plain = start(args.server, args.target, srv_args[: srv_args.index("-md")], log_dir, "plain")
-    # the adaptive policy keeps its step-time model per slot across requests: on the sweep's server it would
-    # learn the cost of every length from the fixed runs, which a real server does not get for free
-    adaptive = start(args.server, args.target, srv_args, log_dir, "adaptive")
-    server_of = {"plain": plain, "adaptive": adaptive}
+    no_draft = srv_args[: srv_args.index("-md")]
+    # "draft" serves the fixed lengths; the adaptive policy keeps its step-time model per slot across requests: on
+    # the sweep's server it would learn the cost of every length from the fixed runs, which a real server does not
+    # get for free, so it has a server of its own
+    server_args = {"draft": srv_args, "plain": no_draft, "adaptive": srv_args}
     if invariant:
-        server_of["plain-bi"] = start(
-            args.server, args.target, srv_args[: srv_args.index("-md")] + BATCH_INVARIANT, log_dir, "plain-bi"
-        )
-    servers = [srv, *server_of.values()]
-    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
+        server_args["plain-bi"] = no_draft + BATCH_INVARIANT
+    started: dict[str, serve.RunningServer] = {}
     try:
-        for server in servers:
+        for name, flags in server_args.items():
+            started[name] = start(args.server, args.target, flags, log_dir, name)
+        for server in started.values():
             complete(server, GEN_PROMPTS[0], 16)  # warm-up
-        for rep in range(args.reps):
-            for name in abab(list(variants), rep):
-                server = server_of.get(name, srv)
-                r = run_prompts(server, GEN_PROMPTS, args.n_predict, **variants[name])
-                if name == "adaptive":
-                    r["slot"] = slot0(server).get("speculative_stats")
-                runs[name].append(r)
-                print(f"[draft] rep {rep} {name:10s} {r['tps']:7.2f} t/s  drafted {r['draft_n']:5d} "
-                      f"accepted {r['draft_n_accepted']:5d}", flush=True)  # fmt: skip
+        runs = measure_alternating({name: [started.get(name, started["draft"])] for name in variants}, variants,
+                                   GEN_PROMPTS, args.n_predict, args.reps, "adaptive", "draft")  # fmt: skip
     finally:
-        for server in servers:
+        for server in started.values():
             server.stop()
     res = summarize(runs, "plain", "adaptive")
     print_paired(res, "adaptive")
     res["adaptive"]["slot_stats_last"] = runs["adaptive"][-1].get("slot")
-    return {"server_cmd": command(srv), "plain_cmd": command(plain), "adaptive_cmd": command(adaptive),
+    return {"server_cmd": command(started["draft"]), "plain_cmd": command(started["plain"]),
+            "adaptive_cmd": command(started["adaptive"]),
             "variants": variants, "results": res}  # fmt: skip
 
 
@@ -246,7 +256,6 @@ def bench_code_edit(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     configs = edit_configs([int(x) for x in args.edit_sweep.split(",") if x], upstream)
     if has_batch_invariant(args.server):
         configs = {"plain": configs.pop("plain"), "plain-bi": (BATCH_INVARIANT, {}), **configs}
-    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
     cold: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
     servers: dict[str, list[serve.RunningServer]] = {k: [] for k in configs}
     try:
@@ -256,16 +265,9 @@ def bench_code_edit(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                 servers[name].append(srv)
                 c = run_prompts(srv, prompts, args.n_predict_edit, **extra)  # warm-up: same task, same settings
                 cold[name].append(c)
-                print(f"[edit]  warm-up {name:20s}#{i} {c['tps']:7.2f} t/s", flush=True)
-        for rep in range(args.reps):
-            for name in abab(list(configs), rep):
-                for i, srv in enumerate(servers[name]):
-                    r = run_prompts(srv, prompts, args.n_predict_edit, **configs[name][1])
-                    if name == "ngram-mod-adaptive":
-                        r["slot"] = slot0(srv).get("speculative_stats")
-                    runs[name].append(r)
-                    print(f"[edit]  rep {rep} {name:20s}#{i} {r['tps']:7.2f} t/s  drafted {r['draft_n']:5d} "
-                          f"accepted {r['draft_n_accepted']:5d}", flush=True)  # fmt: skip
+                print(f"[edit] warm-up {name:20s}#{i} {c['tps']:7.2f} t/s", flush=True)
+        runs = measure_alternating(servers, {k: v[1] for k, v in configs.items()}, prompts, args.n_predict_edit,
+                                   args.reps, "ngram-mod-adaptive", "edit")  # fmt: skip
     finally:
         for group in servers.values():
             for srv in group:
