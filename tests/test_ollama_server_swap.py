@@ -2,21 +2,31 @@
 
 Ollama's bundled llama-server is stood in for by a shell script that answers ``--version`` on
 stderr the way llama-server does. ``test_install_real_patched_server`` swaps in the real patched
-llama-server that the test session builds.
+llama-server that the test session builds. Interrupted runs are real SIGKILLs: of a forked run at
+each of its changes to Ollama's directory in turn, and of the CLI while it verifies the new binary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from velollm_patch.cli_ollama import ollama
 from velollm_patch.errors import VelollmError
+from velollm_patch.ollama import server_swap
 from velollm_patch.ollama.server_swap import (
     ServerVersion,
     bundled_server_path,
@@ -187,6 +197,23 @@ def test_failed_verification_rolls_everything_back(tmp_path: Path) -> None:
     assert snapshot(prefix) == before
 
 
+def test_ctrl_c_while_verifying_undoes_the_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefix = ollama_prefix(tmp_path)
+    target = bundled_server_path(prefix, "Linux")
+    before = snapshot(prefix)
+    real = server_swap.server_version
+
+    def interrupted(binary: Path) -> ServerVersion:
+        if binary == target:
+            raise KeyboardInterrupt
+        return real(binary)
+
+    monkeypatch.setattr(server_swap, "server_version", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        install_server(prefix, our_server(tmp_path), system="Linux")
+    assert snapshot(prefix) == before
+
+
 def test_our_binary_must_run(tmp_path: Path) -> None:
     prefix = ollama_prefix(tmp_path)
     broken = script(tmp_path / "build" / "bin" / "llama-server", ["not a version"])
@@ -204,12 +231,213 @@ def test_restore_without_backup(tmp_path: Path) -> None:
         restore_server(tmp_path, system="Linux")
 
 
-def test_interrupted_install_is_not_guessed_at(tmp_path: Path) -> None:
+def test_a_prev_that_does_not_run_is_not_put_back(tmp_path: Path) -> None:
     prefix = ollama_prefix(tmp_path)
     target = bundled_server_path(prefix, "Linux")
-    target.with_name(".llama-server.velollm-prev").write_bytes(b"?")
-    with pytest.raises(VelollmError, match="interrupted install"):
+    target.with_name(".llama-server.velollm-prev").write_bytes(b"?")  # not what this code leaves
+    before = snapshot(prefix)
+    with pytest.raises(VelollmError, match="left from an interrupted install-server but does not run"):
         install_server(prefix, our_server(tmp_path), system="Linux")
+    assert snapshot(prefix) == before
+
+
+def test_restore_drops_a_hard_linked_backup(tmp_path: Path) -> None:
+    # The layout an install killed right after its backup leaves, and the one an older restore-server
+    # left: a rename of a hard link onto its own file does nothing on POSIX.
+    prefix = ollama_prefix(tmp_path)
+    target = bundled_server_path(prefix, "Linux")
+    pristine = snapshot(prefix)
+    os.link(target, target.with_name("llama-server.velollm-orig"))
+    restored = CliRunner().invoke(ollama, ["restore-server", "--prefix", str(prefix)])
+    assert restored.exit_code == 0, restored.output
+    assert restored.output.splitlines()[0] == "removed llama-server.velollm-orig, left by an interrupted run"
+    assert "restored" in restored.output and "build 1, commit 0c1e570" in restored.output
+    assert snapshot(prefix) == pristine and version_of(target) == OLLAMA_LINE
+
+
+OUR_LIB = "libggml-cuda.so"
+
+
+@pytest.fixture
+def swap_with_a_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every install also brings OUR_LIB from next to our binary, as an ldd of a shared build would."""
+    monkeypatch.setattr(server_swap, "_libs_to_copy",
+                        lambda ours, dest_dir: [(ours.parent / OUR_LIB, dest_dir / OUR_LIB)])
+
+
+def swap_setup(root: Path) -> tuple[Path, Path]:
+    prefix = ollama_prefix(root)
+    ours = our_server(root)
+    (ours.parent / OUR_LIB).write_bytes(b"our CUDA backend")
+    return prefix, ours
+
+
+def die_at(step: int, directory: Path) -> None:
+    """Make this process SIGKILL itself at its ``step``-th change in ``directory``: just before a
+    link, rename, unlink or chmod there, or before or halfway through writing a file there."""
+    count = 0
+
+    def reached(*args: object) -> bool:
+        nonlocal count
+        if not any(isinstance(a, (str, os.PathLike)) and Path(a).parent == directory for a in args):
+            return False
+        count += 1
+        return count == step
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def before(real: Callable[..., Any]) -> Callable[..., Any]:
+        def change(*args: Any, **kwargs: Any) -> Any:
+            if reached(*args[:2]):
+                die()
+            return real(*args, **kwargs)
+        return change
+
+    def writing(dest: Any, data: Callable[[], bytes]) -> None:
+        if reached(dest):
+            die()
+        if reached(dest):
+            Path(dest).write_bytes(data()[: len(data()) // 2])
+            die()
+
+    real_copy2, real_write_text = shutil.copy2, Path.write_text
+
+    def copy2(source: Any, dest: Any, **kwargs: Any) -> Any:
+        writing(dest, Path(source).read_bytes)
+        return real_copy2(source, dest, **kwargs)
+
+    def write_text(self: Path, data: str, *args: Any, **kwargs: Any) -> int:
+        writing(self, data.encode)
+        return real_write_text(self, data, *args, **kwargs)
+
+    for name in ("link", "replace", "unlink", "chmod"):
+        setattr(os, name, before(getattr(os, name)))
+    shutil.copy2 = copy2
+    Path.write_text = write_text
+
+
+def killed_at(step: int, directory: Path, action: Callable[[], object]) -> bool:
+    """Run ``action`` in a forked child killed with SIGKILL at its ``step``-th change in
+    ``directory`` (see die_at); False when it finished first."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            die_at(step, directory)
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        return True
+    assert os.WEXITSTATUS(status) == 0, f"the run failed on its own before step {step}"
+    return False
+
+
+def heal(then: str, prefix: Path, ours: Path, notes: list[str]) -> None:
+    if then == "install-server":
+        install_server(prefix, ours, system="Linux", on_recovery=notes.append)
+    else:
+        restore_server(prefix, system="Linux", on_recovery=notes.append)
+
+
+def no_hard_links(source: object, dest: object) -> None:
+    raise PermissionError(1, "Operation not permitted")  # what FAT and exFAT say
+
+
+@pytest.mark.usefixtures("swap_with_a_library")
+@pytest.mark.parametrize("then", ["install-server", "restore-server"])
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "copies"])
+def test_install_killed_at_every_step_heals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str,
+                                            links: bool) -> None:
+    if not links:
+        monkeypatch.setattr(os, "link", no_hard_links)
+    prefix, ours = swap_setup(tmp_path / "reference")
+    pristine = snapshot(prefix)
+    install_server(prefix, ours, system="Linux")
+    installed = snapshot(prefix)
+    expected = installed if then == "install-server" else pristine
+    for step in itertools.count(1):
+        prefix, ours = swap_setup(tmp_path / f"step{step}")
+        target = bundled_server_path(prefix, "Linux")
+        if not killed_at(step, target.parent, functools.partial(install_server, prefix, ours, system="Linux")):
+            break
+        left = snapshot(prefix)
+        notes: list[str] = []
+        if then == "restore-server" and left == pristine:
+            with pytest.raises(VelollmError, match="was never replaced"):
+                heal(then, prefix, ours, notes)
+        else:
+            heal(then, prefix, ours, notes)
+        assert snapshot(prefix) == expected, f"killed at step {step}, left {sorted(left)}, then {then}: {notes}"
+        assert version_of(target) == (OURS_LINE if then == "install-server" else OLLAMA_LINE)
+        assert len(notes) == int(left not in (pristine, installed)), f"step {step}: {notes}"
+    assert step > 15  # so the harness saw them all: links, manifests, library, binary, commit
+
+
+@pytest.mark.usefixtures("swap_with_a_library")
+@pytest.mark.parametrize("then", ["install-server", "restore-server"])
+def test_restore_killed_at_every_step_heals(tmp_path: Path, then: str) -> None:
+    prefix, ours = swap_setup(tmp_path / "reference")
+    pristine = snapshot(prefix)
+    install_server(prefix, ours, system="Linux")
+    installed = snapshot(prefix)
+    for step in itertools.count(1):
+        prefix, ours = swap_setup(tmp_path / f"step{step}")
+        target = bundled_server_path(prefix, "Linux")
+        install_server(prefix, ours, system="Linux")
+        if not killed_at(step, target.parent, functools.partial(restore_server, prefix, system="Linux")):
+            break
+        left = snapshot(prefix)
+        notes: list[str] = []
+        heal(then, prefix, ours, notes)
+        assert snapshot(prefix) == (installed if then == "install-server" else pristine), f"step {step}: {notes}"
+        assert len(notes) == int(left not in (pristine, installed)), f"step {step}: {notes}"
+    assert step > 3  # the binary back, the library gone, the manifest gone
+
+
+@pytest.mark.parametrize("then", ["install-server", "restore-server"])
+def test_install_killed_while_verifying_heals(tmp_path: Path, then: str) -> None:
+    """The reported case, with a real kill -9 of the CLI: while the new llama-server answers --version."""
+    prefix = ollama_prefix(tmp_path)
+    target = bundled_server_path(prefix, "Linux")
+    pristine = snapshot(prefix)
+    verifying = tmp_path / "verifying"
+    # Ours hangs the first time it runs from Ollama's directory (the install's check), saying its pid.
+    hang = (f'case "$0" in */lib/ollama/*) if [ ! -e "{verifying}" ]; then echo $$ > "{verifying}.tmp";'
+            f' mv "{verifying}.tmp" "{verifying}"; exec sleep 600; fi;; esac\n')
+    ours = script(tmp_path / "build" / "bin" / "llama-server", [OURS_LINE, "velollm patch level: 1"], hang)
+    cli = subprocess.Popen([sys.executable, "-m", "velollm_patch", "ollama", "install-server",
+                            "--prefix", prefix, "--server", ours], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not verifying.exists():
+            assert cli.poll() is None and time.monotonic() < deadline, "install-server never verified"
+            time.sleep(0.02)
+    finally:
+        cli.kill()
+        cli.wait()
+        if verifying.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(verifying.read_text()), signal.SIGKILL)
+    assert target.read_bytes() == ours.read_bytes()
+    assert target.with_name(".llama-server.velollm-prev").read_bytes() == target.with_name(
+        "llama-server.velollm-orig").read_bytes()
+
+    args = ["--server", str(ours)] if then == "install-server" else []
+    healed = CliRunner().invoke(ollama, [then, "--prefix", str(prefix), *args])
+    assert healed.exit_code == 0, healed.output
+    lines = healed.output.splitlines()
+    assert lines[0] == "rolled back an install-server interrupted before its new llama-server was verified"
+    if then == "install-server":
+        assert lines[1] == f"installed {ours} as {target}" and version_of(target) == OURS_LINE
+        assert sorted(p.name for p in target.parent.iterdir()) == [
+            "libggml-base.so", "llama-server", "llama-server.velollm-orig"]
+    else:
+        assert lines[1].startswith("restored") and snapshot(prefix) == pristine
 
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None or shutil.which("ldd") is None,

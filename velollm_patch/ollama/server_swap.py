@@ -9,6 +9,39 @@ The swap refuses a build of a different upstream llama.cpp commit than Ollama's 
 compat patches and CLI contract are pinned to it) unless forced, keeps the original as
 ``llama-server.velollm-orig`` (never overwritten), replaces the binary atomically, runs the new
 one to verify it, and undoes every step if anything fails.
+
+Interruptions. A ``kill -9``, a closed terminal or a power cut can stop a run between any two
+of its steps, and nothing runs the undo then. So every change to a name that matters is one
+rename, link or unlink (copies are staged under a temporary name), and the names present say how
+far the run got: the next install-server or restore-server finishes or rolls it back before its
+own work, and prints a line saying which. At every point the target path holds a complete
+llama-server, and Ollama's original is the target or the backup; a binary put back there has
+answered ``--version`` first. The names, next to llama-server, in the order install creates them:
+
+``llama-server.velollm-orig``
+    The backup, made (as a hard link) before anything changes. Identical to the target it backs
+    nothing up: left by an install stopped before the swap, or by an older restore that renamed
+    a hard link onto its own file (POSIX does nothing then). Removed.
+``.llama-server.velollm-prev``
+    The binary being replaced, kept until the new one has run. While it exists the install has
+    not committed, so it is rolled back: the new binary was never verified, install-server redoes
+    the whole swap afterwards (finishing instead would only skip the check), and restore-server
+    wants the original anyway.
+``.llama-server.velollm-libs.velollm-prev``
+    The library manifest before an install that brings libraries. Rollback removes the libraries not listed there.
+    Present without ``-prev``: the run was stopped inside its commit (deleting ``-prev``, then
+    this), after verification, so the install is finished.
+``llama-server.velollm-libs``
+    The libraries we added, rewritten *before* they are copied, so none of ours is ever unlisted.
+    Without a backup it is what a restore stopped after putting the original back had left to
+    delete, so that restore is finished.
+``.llama-server.velollm-new``
+    The one staging name for every copy (the backup or ``-prev`` where hard links fail, the
+    manifests, each library, the new binary), renamed into place when complete. Any copy found
+    there is unfinished: deleted.
+
+Canonical layouts are never-installed (the target alone) and installed (target, a different
+backup, manifest if any libraries); recovery always ends in one of them.
 """
 
 from __future__ import annotations
@@ -18,6 +51,7 @@ import os
 import platform
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,17 +198,141 @@ def _libs_to_copy(ours: Path, dest_dir: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _link_or_copy(source: Path, dest: Path) -> None:
-    """A second name for ``source`` that never replaces an existing ``dest``: a hard link, or
-    an exclusive-create copy where the file system has no hard links."""
+@dataclass(frozen=True)
+class _Files:
+    """The names a swap uses next to Ollama's llama-server; the module docstring says why each."""
+
+    target: Path
+    backup: Path
+    prev: Path
+    new: Path
+    manifest: Path
+    prev_manifest: Path
+
+
+def _files(target: Path) -> _Files:
+    manifest = target.with_name(target.name + LIBS_MANIFEST_SUFFIX)
+    return _Files(target, target.with_name(target.name + BACKUP_SUFFIX),
+                  target.with_name(f".{target.name}.velollm-prev"), target.with_name(f".{target.name}.velollm-new"),
+                  manifest, manifest.with_name(f".{manifest.name}.velollm-prev"))
+
+
+def _reason(exc: OSError | VelollmError) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` hold the same bytes; hard links of one file do without a read."""
+    return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
+
+
+def _put_back(saved: Path, target: Path) -> None:
+    """Move ``saved`` onto ``target``. Renaming a hard link onto another name of the same file
+    does nothing on POSIX and leaves both names, so then ``saved`` is just removed."""
+    if target.exists() and os.path.samefile(saved, target):
+        saved.unlink()
+    else:
+        os.replace(saved, target)
+
+
+def _link_or_copy(source: Path, dest: Path, tmp: Path) -> None:
+    """A second, complete copy of ``source`` appearing at ``dest`` in one step, so that recovery
+    never finds half a binary under a name it trusts: a hard link, or where the file system has
+    none, a copy to ``tmp`` renamed into place."""
     try:
         os.link(source, dest)
     except FileExistsError:
         raise  # an existing dest is never replaced, not even by the copy below
     except OSError:
-        with source.open("rb") as src, dest.open("xb") as out:
-            shutil.copyfileobj(src, out)
-        shutil.copystat(source, dest)
+        shutil.copy2(source, tmp)
+        os.replace(tmp, dest)
+
+
+def _names(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").split() if path.exists() else []
+
+
+def _write_names(path: Path, names: list[str], tmp: Path) -> None:
+    tmp.write_text("".join(f"{n}\n" for n in dict.fromkeys(names)), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _remove_our_libraries(files: _Files) -> tuple[Path, ...]:
+    """Delete the libraries the manifest lists, then the manifest, which until then says what is
+    left to delete."""
+    removed = tuple(files.target.parent / name for name in _names(files.manifest))
+    for lib in removed:
+        lib.unlink(missing_ok=True)
+    files.manifest.unlink(missing_ok=True)
+    return removed
+
+
+def _roll_back(files: _Files) -> None:
+    """Undo an install that has not committed. Each step can be repeated and leaves a state this
+    undoes too, so a rollback that is itself interrupted is finished by the next run."""
+    files.new.unlink(missing_ok=True)
+    if files.prev_manifest.exists():
+        before = _names(files.prev_manifest)
+        for name in set(_names(files.manifest)) - set(before):
+            (files.target.parent / name).unlink(missing_ok=True)
+        if before:
+            os.replace(files.prev_manifest, files.manifest)
+        else:
+            files.manifest.unlink(missing_ok=True)
+            files.prev_manifest.unlink()
+    if files.prev.exists():
+        _put_back(files.prev, files.target)
+    # Only now that the target is the binary the install replaced: a backup identical to it
+    # backs nothing up (the install started from Ollama's own), and until then it may have been
+    # the one copy of the original besides -prev.
+    if files.backup.exists() and _same(files.backup, files.target):
+        files.backup.unlink()
+
+
+def _recover(files: _Files) -> str | None:
+    """Finish or undo what an interrupted install-server or restore-server left, ending in an
+    installed or a never-installed layout; say which, or None when nothing was left."""
+    if files.prev.exists():
+        swapped = not _same(files.prev, files.target)
+        if swapped:
+            # Only a binary that runs is put back; -prev appears complete in one step, so one that
+            # does not run was not left by this code, and a person has to look.
+            try:
+                server_version(files.prev)
+            except (OSError, VelollmError) as exc:
+                raise VelollmError(
+                    f"{files.prev} is left from an interrupted install-server but does not run ({_reason(exc)}):"
+                    f" check that {files.target} runs, then remove {files.prev}") from exc
+        _roll_back(files)
+        if swapped:
+            return "rolled back an install-server interrupted before its new llama-server was verified"
+        return "rolled back an install-server interrupted before it replaced llama-server"
+    if files.prev_manifest.exists():
+        files.prev_manifest.unlink()
+        return "finished an install-server interrupted after its new llama-server was verified"
+    if files.manifest.exists() and not files.backup.exists():
+        removed = _remove_our_libraries(files)
+        return ("finished a restore-server interrupted after Ollama's llama-server was back: removed"
+                f" {', '.join(lib.name for lib in removed)}")
+    leftovers = [files.new] if files.new.exists() else []
+    if files.backup.exists() and _same(files.backup, files.target):
+        leftovers.append(files.backup)
+    if leftovers:
+        _roll_back(files)
+        return f"removed {', '.join(p.name for p in leftovers)}, left by an interrupted run"
+    return None
+
+
+def _heal(files: _Files, on_recovery: Callable[[str], None] | None) -> str | None:
+    try:
+        note = _recover(files)
+    except OSError as exc:
+        raise VelollmError(
+            f"cannot clean up after an interrupted install-server or restore-server in {files.target.parent}"
+            f" ({_reason(exc)}): run it again with permission to write there (sudo)") from exc
+    if note and on_recovery:
+        on_recovery(note)
+    return note
 
 
 @dataclass(frozen=True)
@@ -188,78 +346,63 @@ class InstallResult:
     changed: bool = True
 
 
-def install_server(prefix: Path, our_server: Path, force: bool = False, *,
-                   system: str | None = None) -> InstallResult:
-    """Make Ollama under ``prefix`` run ``our_server`` instead of its bundled llama-server."""
+def install_server(prefix: Path, our_server: Path, force: bool = False, *, system: str | None = None,
+                   on_recovery: Callable[[str], None] | None = None) -> InstallResult:
+    """Make Ollama under ``prefix`` run ``our_server`` instead of its bundled llama-server. What
+    an interrupted earlier run left is finished or undone first, and told to ``on_recovery``."""
     target = _bundled(prefix, system)
-    backup = target.with_name(target.name + BACKUP_SUFFIX)
+    files = _files(target)
     ours = our_server.resolve()
     if not ours.is_file() or not os.access(ours, os.X_OK):
         raise VelollmError(f"{our_server} is not an executable llama-server")
     if ours == target.resolve():
         raise VelollmError(f"{our_server} is Ollama's installed llama-server itself")
-    original = server_version(backup if backup.exists() else target)
+    _heal(files, on_recovery)
+    original = server_version(files.backup if files.backup.exists() else target)
     mine = server_version(ours)
     if not original.same_upstream(mine) and not force:
         raise VelollmError(
             f"Ollama's llama-server is llama.cpp {original.upstream_commit or original.commit}, ours is"
             f" {mine.upstream_commit or mine.commit}: Ollama's patches and flags are pinned to its"
             " commit; rebuild from it, or pass --force to install anyway")
-    if backup.exists() and filecmp.cmp(ours, target, shallow=False):
-        return InstallResult(target, backup, original, mine, forced=not original.same_upstream(mine),
+    if files.backup.exists() and filecmp.cmp(ours, target, shallow=False):
+        return InstallResult(target, files.backup, original, mine, forced=not original.same_upstream(mine),
                              changed=False)
     libs = _libs_to_copy(ours, target.parent) if (system or platform.system()) == "Linux" else []
     _require_writable(target.parent)
-    prev = target.with_name(f".{target.name}.velollm-prev")
-    new = target.with_name(f".{target.name}.velollm-new")
-    if prev.exists():
-        raise VelollmError(f"{prev} is left from an interrupted install: check it, then remove it")
-    created: list[Path] = []
     try:
-        if not backup.exists():
-            _link_or_copy(target, backup)
-            created.append(backup)
-        for source, dest in libs:
-            shutil.copy2(source, new)
-            os.replace(new, dest)
-            created.append(dest)
-        _link_or_copy(target, prev)
-        shutil.copy2(ours, new)
-        os.chmod(new, target.stat().st_mode & 0o7777 | 0o111)
-        os.replace(new, target)
+        if not files.backup.exists():
+            _link_or_copy(target, files.backup, files.new)
+        _link_or_copy(target, files.prev, files.new)
+        if libs:
+            listed = _names(files.manifest)
+            _write_names(files.prev_manifest, listed, files.new)
+            # Listed before they are copied, so no interruption leaves a library of ours unlisted.
+            _write_names(files.manifest, [*listed, *(dest.name for _, dest in libs)], files.new)
+            for source, dest in libs:
+                shutil.copy2(source, files.new)
+                os.replace(files.new, dest)
+        shutil.copy2(ours, files.new)
+        os.chmod(files.new, target.stat().st_mode & 0o7777 | 0o111)
+        os.replace(files.new, target)
         installed = server_version(target)
         if (installed.build, installed.commit) != (mine.build, mine.commit):
             raise VelollmError(f"the installed binary reports {installed}, expected {mine}")
-        if libs:
-            _add_to_manifest(target, [dest.name for _, dest in libs])
-        prev.unlink()
-    except (OSError, VelollmError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        files.prev.unlink()  # the commit: from here on an interrupted install is finished, not undone
+        files.prev_manifest.unlink(missing_ok=True)
+    except (OSError, VelollmError, KeyboardInterrupt) as exc:
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else _reason(exc)
         try:
-            if prev.exists():
-                os.replace(prev, target)
-            new.unlink(missing_ok=True)
-            for path in reversed(created):
-                path.unlink(missing_ok=True)
+            _roll_back(files)
         except OSError as undo:
             raise VelollmError(
-                f"installing {ours} failed ({reason}) and so did undoing it ({undo.strerror or undo}):"
-                f" copy {backup} back to {target} by hand") from exc
+                f"installing {ours} failed ({reason}) and so did undoing it ({_reason(undo)}): fix that, then run"
+                " `velollm-patch ollama restore-server`") from exc
+        if isinstance(exc, KeyboardInterrupt):
+            raise
         raise VelollmError(f"installing {ours} failed and was undone: {reason}") from exc
-    return InstallResult(target, backup, original, installed, tuple(dest for _, dest in libs),
+    return InstallResult(target, files.backup, original, installed, tuple(dest for _, dest in libs),
                          forced=not original.same_upstream(mine))
-
-
-def _manifest(target: Path) -> Path:
-    return target.with_name(target.name + LIBS_MANIFEST_SUFFIX)
-
-
-def _add_to_manifest(target: Path, names: list[str]) -> None:
-    path = _manifest(target)
-    existing = path.read_text(encoding="utf-8").split() if path.exists() else []
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{n}\n" for n in dict.fromkeys([*existing, *names])), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -269,26 +412,24 @@ class RestoreResult:
     removed_libraries: tuple[Path, ...] = ()
 
 
-def restore_server(prefix: Path, *, system: str | None = None) -> RestoreResult:
-    """Put Ollama's original llama-server back and remove the libraries we added."""
-    target = bundled_server_path(prefix, system)
-    backup = target.with_name(target.name + BACKUP_SUFFIX)
-    if not backup.is_file():
-        if not target.is_file():
-            _bundled(prefix, system)  # raises the "no Ollama here" error
-        raise VelollmError(f"no {backup.name} next to {target}: Ollama's llama-server was never replaced")
+def restore_server(prefix: Path, *, system: str | None = None,
+                   on_recovery: Callable[[str], None] | None = None) -> RestoreResult:
+    """Put Ollama's original llama-server back and remove the libraries we added. What an
+    interrupted earlier run left is finished or undone first, and told to ``on_recovery``."""
+    target = _bundled(prefix, system)
+    files = _files(target)
+    healed = _heal(files, on_recovery)
+    if not files.backup.is_file():
+        if healed:  # what was interrupted started from Ollama's own, and that is in place again
+            return RestoreResult(target, server_version(target))
+        raise VelollmError(f"no {files.backup.name} next to {target}: Ollama's llama-server was never replaced")
     _require_writable(target.parent)
-    version = server_version(backup)
-    manifest = _manifest(target)
-    names = manifest.read_text(encoding="utf-8").split() if manifest.exists() else []
+    version = server_version(files.backup)
     try:
-        os.replace(backup, target)
+        # The binary first: our libraries must stay until the target no longer needs them.
+        _put_back(files.backup, target)
+        removed = _remove_our_libraries(files)
     except OSError as exc:
-        raise VelollmError(f"cannot restore {target}: {exc.strerror or exc}") from exc
-    removed = []
-    for name in names:
-        lib = target.parent / name
-        lib.unlink(missing_ok=True)
-        removed.append(lib)
-    manifest.unlink(missing_ok=True)
-    return RestoreResult(target, version, tuple(removed))
+        raise VelollmError(
+            f"cannot restore {target}: {_reason(exc)}; fix that, then run restore-server again") from exc
+    return RestoreResult(target, version, removed)
