@@ -30,6 +30,7 @@ from velollm_patch.ollama.config import (
     fit_context,
     kv_type_problem,
     loaded_model_from_show,
+    read_config_file,
     read_systemd_dropins,
     recommend,
     render_config,
@@ -414,3 +415,228 @@ def test_cli_apply_with_too_old_ollama_changes_nothing(tmp_path: Path) -> None:
                                              "--format", "env", "--path", str(tmp_path / "ollama.env")])
     assert isinstance(result.exception, VelollmError) and "too old" in str(result.exception)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- Editing a file that is there: the user's lines stay -------------------------------------------
+
+USER_ENV = (
+    "# proxy for model pulls\n"
+    "HTTPS_PROXY=http://proxy.example:3128\n"
+    "OLLAMA_MODELS=/srv/ollama/models\n"
+    "\n"
+    "# four users share this box\n"
+    "OLLAMA_NUM_PARALLEL=4\n"
+)
+
+
+def backups(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.name.endswith(".bak"))
+
+
+def test_cli_env_file_keeps_the_users_lines(tmp_path: Path) -> None:
+    env = write(tmp_path / "ollama.env", USER_ENV)
+    args = ["config", "--vram-gib", "24", "--format", "env", "--path", str(env),
+            "--systemd-dir", str(tmp_path / "no-dropins")]
+    with FakeOllama([llama31_8b()], version="0.33.0") as server:
+        server.load("llama3.1:8b")
+
+        def run(*extra: str) -> str:
+            result = CliRunner().invoke(ollama, [*args, "--host", server.url, *extra])
+            assert result.exit_code == 0, (result.output, result.exception)
+            return result.output
+
+        dry = run()
+        assert "* OLLAMA_NUM_PARALLEL" in dry and f"4 -> 1  (from {env})" in dry
+        assert env.read_text() == USER_ENV
+        applied = run("--apply")
+        text = env.read_text()
+        again = run("--apply")
+    # Ours changed in place, every other line and comment as it was, new settings appended with their why.
+    kept = USER_ENV.replace("OLLAMA_NUM_PARALLEL=4", "OLLAMA_NUM_PARALLEL=1")
+    assert text.startswith(kept)
+    appended = text[len(kept):].splitlines()
+    assert appended[0].startswith("# the address") and appended[1] == "OLLAMA_HOST=127.0.0.1:11434"
+    assert all(c.startswith("# ") and "=" in line for c, line in zip(appended[::2], appended[1::2], strict=True))
+    assert read_config_file(ConfigFormat.ENV, env)["OLLAMA_MODELS"].value == "/srv/ollama/models"
+    assert "changed: OLLAMA_NUM_PARALLEL" in applied and "added: OLLAMA_HOST, OLLAMA_KV_CACHE_TYPE" in applied
+    assert "4 other line(s) kept as they were" in applied
+    assert "nothing changed" in again and "1 -> 1  (from" in again and "* " not in again
+    assert env.read_text() == text
+    (backup,) = backups(tmp_path)
+    assert backup.read_text() == USER_ENV
+
+
+USER_DROPIN = (
+    "[Unit]\n"
+    "# restart quickly\n"
+    "StartLimitBurst=10\n"
+    "\n"
+    "[Service]\n"
+    "# raised for many clients\n"
+    "LimitNOFILE=65536\n"
+    "Environment=\"OLLAMA_DEBUG=1\" OLLAMA_NUM_PARALLEL=4 'HTTPS_PROXY=http://proxy.example:3128'\n"
+    "Environment=OLLAMA_FLASH_ATTENTION=0 \\\n"
+    "    OLLAMA_ORIGINS=*\n"
+    "\n"
+    "[Install]\n"
+    "WantedBy=default.target\n"
+)
+
+
+def test_systemd_dropin_keeps_the_users_lines(tmp_path: Path) -> None:
+    dropins = tmp_path / "ollama.service.d"
+    path = write(dropins / "velollm.conf", USER_DROPIN)
+    inputs = RecommendationInputs(vram_bytes=24 * GIB, ram_bytes=64 * GIB, cpu_cores=16, ollama_version="0.33.0")
+
+    def plan_now() -> ConfigPlan:
+        state = collect_current(environ={}, systemd_dir=dropins, client=None, target=(ConfigFormat.SYSTEMD, path))
+        return recommend(inputs, state.values_for(ConfigFormat.SYSTEMD))
+
+    plan = plan_now()
+    (parallel,) = [r for r in plan.recommendations if r.name == "OLLAMA_NUM_PARALLEL"]
+    assert (parallel.current, parallel.after, parallel.source) == ("4", "1", str(path))
+    # Era C without a loaded model: flash attention is best left on auto, so --apply removes it
+    # here, and does not tell the user to remove it by hand.
+    assert rec(plan, "OLLAMA_FLASH_ATTENTION")[0] is None and not plan.warnings
+    result = apply_config(plan, ConfigFormat.SYSTEMD, path)
+    assert result.keys.changed == ("OLLAMA_NUM_PARALLEL",) and result.keys.removed == ("OLLAMA_FLASH_ATTENTION",)
+    assert result.keys.added == ("OLLAMA_HOST", "OLLAMA_KEEP_ALIVE")
+    assert path.read_text() == (
+        "[Unit]\n# restart quickly\nStartLimitBurst=10\n\n[Service]\n# raised for many clients\nLimitNOFILE=65536\n"
+        "Environment=\"OLLAMA_DEBUG=1\" \"OLLAMA_NUM_PARALLEL=1\" 'HTTPS_PROXY=http://proxy.example:3128'\n"
+        "Environment=OLLAMA_ORIGINS=*\n"
+        f"# {rec(plan, 'OLLAMA_HOST')[1]}\nEnvironment=\"OLLAMA_HOST=127.0.0.1:11434\"\n"
+        f"# {rec(plan, 'OLLAMA_KEEP_ALIVE')[1]}\nEnvironment=\"OLLAMA_KEEP_ALIVE=30m\"\n"
+        "\n[Install]\nWantedBy=default.target\n"
+    )
+    settings, _, _ = read_systemd_dropins(dropins)
+    assert {k: v.value for k, v in settings.items()} == {
+        "OLLAMA_DEBUG": "1", "OLLAMA_NUM_PARALLEL": "1", "OLLAMA_ORIGINS": "*",
+        "OLLAMA_HOST": "127.0.0.1:11434", "OLLAMA_KEEP_ALIVE": "30m"}
+    again = plan_now()
+    assert not [r.name for r in again.recommendations if r.changes]
+    assert not apply_config(again, ConfigFormat.SYSTEMD, path).changed
+    assert len(backups(dropins)) == 1
+
+
+def test_systemd_target_elsewhere_counts_as_the_last_dropin(tmp_path: Path) -> None:
+    dropins = tmp_path / "ollama.service.d"
+    write(dropins / "override.conf", "[Service]\nEnvironment=OLLAMA_NUM_PARALLEL=2 OLLAMA_DEBUG=1\n")
+    target = write(tmp_path / "staged.conf", "[Service]\nEnvironment=OLLAMA_NUM_PARALLEL=4\n")
+    state = collect_current(environ={}, systemd_dir=dropins, client=None, target=(ConfigFormat.SYSTEMD, target))
+    values = state.values_for(ConfigFormat.SYSTEMD)
+    assert values["OLLAMA_NUM_PARALLEL"] == Setting("4", str(target), in_target=True)
+    assert values["OLLAMA_DEBUG"] == Setting("1", str(dropins / "override.conf"))
+
+
+def test_systemd_dropin_without_a_service_section_gets_one(tmp_path: Path) -> None:
+    path = write(tmp_path / "velollm.conf", "[Unit]\nDescription=mine")
+    apply_config(plan_for(), ConfigFormat.SYSTEMD, path)
+    settings, _, _ = read_systemd_dropins(tmp_path)
+    assert {k: v.value for k, v in settings.items()} == plan_for().values()
+    assert path.read_text().startswith("[Unit]\nDescription=mine\n[Service]\n# ")
+
+
+USER_PS1 = (
+    b"# set up by hand\r\n"
+    b"[Environment]::SetEnvironmentVariable('OLLAMA_ORIGINS', 'app://*', 'User')\r\n"
+    b"[Environment]::SetEnvironmentVariable('OLLAMA_NUM_PARALLEL', '4', 'User')\r\n"
+    b"Write-Host 'done'\r\n"
+)
+
+
+def test_powershell_script_keeps_the_users_lines(tmp_path: Path) -> None:
+    path = tmp_path / "ollama-env.ps1"
+    path.write_bytes(USER_PS1)
+    current = read_config_file(ConfigFormat.POWERSHELL, path)
+    assert current["OLLAMA_NUM_PARALLEL"] == Setting("4", str(path), in_target=True)
+    assert current["OLLAMA_ORIGINS"].value == "app://*"
+    plan = plan_for()
+    result = apply_config(plan, ConfigFormat.POWERSHELL, path)
+    data = path.read_bytes()
+    head = USER_PS1.replace(b"'4'", b"'1'").removesuffix(b"Write-Host 'done'\r\n")
+    assert data.startswith(head) and data.endswith(b"')\r\nWrite-Host 'done'\r\n")
+    assert b"\n" not in data.replace(b"\r\n", b"")  # the file's CRLF line ends, new lines included
+    assert b"[Environment]::SetEnvironmentVariable('OLLAMA_KEEP_ALIVE', '30m', 'User')\r\n" in data
+    assert {k: v.value for k, v in read_config_file(ConfigFormat.POWERSHELL, path).items()} == {
+        "OLLAMA_ORIGINS": "app://*", **plan.values()}
+    assert result.keys.changed == ("OLLAMA_NUM_PARALLEL",) and result.keys.other_lines == 3
+    assert not apply_config(plan, ConfigFormat.POWERSHELL, path).changed
+    assert len(backups(tmp_path)) == 1
+
+
+def test_launchd_agent_keeps_the_users_commands(tmp_path: Path) -> None:
+    mine = "/bin/launchctl setenv HTTPS_PROXY http://proxy.example:3128"
+    old = render_config(plan_for(vram_bytes=12 * GIB), ConfigFormat.LAUNCHD).replace(
+        "<string>/bin/launchctl", f"<string>{mine} ; /bin/launchctl", 1)
+    path = write(tmp_path / "agent.plist", old)
+    assert read_config_file(ConfigFormat.LAUNCHD, path)["OLLAMA_CONTEXT_LENGTH"].value == "65536"
+    result = apply_config(plan_for(), ConfigFormat.LAUNCHD, path)
+    assert result.keys.changed == ("OLLAMA_CONTEXT_LENGTH",) and result.keys.other_lines == 1
+    script = plistlib.loads(path.read_bytes())["ProgramArguments"][2]
+    assert script.startswith(f"{mine} ; ") and "setenv OLLAMA_CONTEXT_LENGTH 131072 ;" in script
+    # Only the script changed; the comments around it are the user's to keep.
+    before, after = old.split("<string>/bin/sh</string>")
+    assert path.read_text().startswith(before) and path.read_text().endswith(after[after.index("</array>"):])
+    assert not apply_config(plan_for(), ConfigFormat.LAUNCHD, path).changed
+
+
+def test_launchd_file_that_is_no_agent_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "agent.plist", plistlib.dumps({"Label": "x", "Program": "/bin/true"}).decode())
+    before = path.read_text()
+    with pytest.raises(VelollmError, match="is not a launchd agent whose ProgramArguments"):
+        apply_config(plan_for(), ConfigFormat.LAUNCHD, path)
+    assert path.read_text() == before and backups(tmp_path) == []
+
+
+def test_unset_advice_removes_a_line_but_what_cannot_be_judged_stays(tmp_path: Path) -> None:
+    path = write(tmp_path / "ollama.env",
+                 "OLLAMA_FLASH_ATTENTION=0\nOLLAMA_CONTEXT_LENGTH=8192\nLLAMA_ARG_CTX_SIZE=8192\n")
+    inputs = RecommendationInputs(vram_bytes=24 * GIB, ollama_version="0.33.0",
+                                  llama_args={"LLAMA_ARG_CTX_SIZE": "4096"})
+    plan = recommend(inputs, read_config_file(ConfigFormat.ENV, path))
+    # No model loaded: nothing to size the context against, so the user's 8192 stays.
+    (context,) = [r for r in plan.recommendations if r.name == "OLLAMA_CONTEXT_LENGTH"]
+    assert context.keep and context.after == "8192" and not context.changes
+    assert not plan.warnings  # the advised removals happen in the file --apply writes
+    result = apply_config(plan, ConfigFormat.ENV, path)
+    assert result.keys.removed == ("OLLAMA_FLASH_ATTENTION", "LLAMA_ARG_CTX_SIZE")
+    assert result.keys.kept == ("OLLAMA_CONTEXT_LENGTH",)
+    assert path.read_text().startswith("OLLAMA_CONTEXT_LENGTH=8192\n# ")
+    assert set(read_config_file(ConfigFormat.ENV, path)) == {
+        "OLLAMA_CONTEXT_LENGTH", "OLLAMA_HOST", "OLLAMA_NUM_PARALLEL", "OLLAMA_KEEP_ALIVE"}
+
+
+def test_a_kept_kv_type_still_gets_flash_attention() -> None:
+    plan = plan_for(version=None, current={"OLLAMA_KV_CACHE_TYPE": "q8_0"})
+    (kv,) = [r for r in plan.recommendations if r.name == "OLLAMA_KV_CACHE_TYPE"]
+    assert kv.keep and kv.after == "q8_0" and "version is unknown" in kv.why
+    assert rec(plan, "OLLAMA_FLASH_ATTENTION")[0] == "1"
+    assert not any("stays in effect" in w for w in plan.warnings)
+
+
+def test_symlink_path_writes_the_file_it_points_to(tmp_path: Path) -> None:
+    real = write(tmp_path / "etc" / "ollama.env", "HTTPS_PROXY=http://proxy.example:3128\n")
+    link = tmp_path / "home" / "ollama.env"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    when = dt.datetime(2026, 9, 1, 12, 30, 5)
+    result = apply_config(plan_for(), ConfigFormat.ENV, link, now=when)
+    assert result.path == real and result.backup == real.parent / "ollama.env.velollm-20260901-123005.bak"
+    assert link.is_symlink() and link.readlink() == real
+    assert real.read_text().startswith("HTTPS_PROXY=http://proxy.example:3128\n# the address")
+    assert read_config_file(ConfigFormat.ENV, link)["OLLAMA_HOST"].value == "127.0.0.1:11434"
+    assert list(link.parent.iterdir()) == [link]
+    assert not apply_config(plan_for(), ConfigFormat.ENV, link).changed
+    dangling = tmp_path / "home" / "new.env"
+    dangling.symlink_to(tmp_path / "etc" / "new.env")
+    apply_config(plan_for(), ConfigFormat.ENV, dangling)
+    assert dangling.is_symlink() and (tmp_path / "etc" / "new.env").read_text().startswith("# Written by")
+
+
+def test_a_symlink_loop_is_refused(tmp_path: Path) -> None:
+    loop = tmp_path / "a.env"
+    loop.symlink_to(tmp_path / "b.env")
+    (tmp_path / "b.env").symlink_to(loop)
+    with pytest.raises(VelollmError, match="cannot follow the symlink"):
+        apply_config(plan_for(), ConfigFormat.ENV, loop)

@@ -24,6 +24,7 @@ from velollm_patch.ollama.config import (
     ConfigFormat,
     ConfigPlan,
     CurrentState,
+    KeyChanges,
     RecommendationInputs,
     apply_config,
     collect_current,
@@ -34,6 +35,7 @@ from velollm_patch.ollama.modelfile import (
     ModelfileSpec,
     ParamValue,
     lint_modelfile,
+    read_modelfile,
     render_modelfile,
     spec_from_base,
     tuned_parameters,
@@ -136,10 +138,7 @@ def modelfile_cmd(
 @click.pass_context
 def lint_cmd(ctx: click.Context, file: Path, ollama_version: str | None) -> None:
     """Check FILE the way `ollama create` would; exit 1 if Ollama would refuse it."""
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise VelollmError(f"cannot read {file}: {exc.strerror or exc}") from exc
+    data = read_modelfile(file)
     version = _version_option(ollama_version)
     result = lint_modelfile(data, relative_dir=file.resolve().parent,
                             ollama_version=OllamaVersion.parse(version) if version else None)
@@ -163,9 +162,10 @@ def _print_plan(state: CurrentState, plan: ConfigPlan, fmt: ConfigFormat, path: 
     width = max(len(r.name) for r in plan.recommendations)
     for rec in plan.recommendations:
         current = rec.current if rec.current is not None else "(unset)"
-        value = rec.value if rec.value is not None else "(unset)"
+        value = rec.after if rec.after is not None else "(unset)"
         mark = "  " if not rec.changes else "* "
-        click.echo(f"{mark}{rec.name:<{width}}  {current} -> {value}")
+        origin = f"  (from {rec.source})" if rec.source else ""
+        click.echo(f"{mark}{rec.name:<{width}}  {current} -> {value}{origin}")
         click.echo(f"  {'':<{width}}  why: {rec.why}")
     for note in (*state.notes, *plan.warnings):
         click.echo(f"warning: {note}")
@@ -177,6 +177,15 @@ _NEXT_STEPS = {
     ConfigFormat.ENV: "pass it with `docker run --env-file {path}` or EnvironmentFile={path}",
     ConfigFormat.POWERSHELL: "powershell -File {path}, then quit Ollama from the tray and start it again",
 }
+
+
+def _describe(keys: KeyChanges) -> str:
+    parts = [f"{label}: {', '.join(names)}" for label, names in (
+        ("added", keys.added), ("changed", keys.changed), ("removed", keys.removed), ("unchanged", keys.kept),
+    ) if names]
+    if keys.other_lines:
+        parts.append(f"{keys.other_lines} other line(s) kept as they were")
+    return "; ".join(parts)
 
 
 @ollama.command("config")
@@ -203,7 +212,7 @@ def config_cmd(
     fmt = ConfigFormat(fmt_name) if fmt_name else ConfigFormat.for_platform()
     target = path or default_config_path(fmt, systemd_dir=systemd_dir)
     with OllamaClient(host) as client:
-        state = collect_current(environ=os.environ, systemd_dir=systemd_dir, client=client)
+        state = collect_current(environ=os.environ, systemd_dir=systemd_dir, client=client, target=(fmt, target))
     if vram_gib is None:
         machine = RecommendationInputs.from_hardware(hardware.detect())
     else:
@@ -222,7 +231,10 @@ def config_cmd(
         click.echo(f"{target} already holds these settings; nothing changed.")
         return
     backup = f" (previous version kept as {result.backup})" if result.backup else ""
-    click.echo(f"wrote {target}{backup}")
+    click.echo(f"wrote {result.path}{backup}")
+    if result.path != target:
+        click.echo(f"  {target} is a symlink to it and stays one")
+    click.echo(f"  {_describe(result.keys)}")
     click.echo("next: " + _NEXT_STEPS[fmt].format(path=target))
 
 
@@ -240,7 +252,7 @@ def install_server_cmd(prefix: Path | None, server_bin: Path | None, force: bool
             raise VelollmError("no current build: build one with `velollm-patch build`, or pass --server")
         server_bin = build.bin("llama-server")
     ours = server_bin
-    result = install_server(prefix or default_prefix(), ours, force)
+    result = install_server(prefix or default_prefix(), ours, force, on_recovery=click.echo)
     if not result.changed:
         click.echo(f"{result.target} already is this llama-server ({result.installed}); nothing changed.")
         return
@@ -259,7 +271,7 @@ def install_server_cmd(prefix: Path | None, server_bin: Path | None, force: bool
               help="Ollama install prefix (default: from the ollama on PATH).")
 def restore_server_cmd(prefix: Path | None) -> None:
     """Put Ollama's original llama-server back."""
-    result = restore_server(prefix or default_prefix())
+    result = restore_server(prefix or default_prefix(), on_recovery=click.echo)
     click.echo(f"restored {result.target}: {result.restored}")
     for lib in result.removed_libraries:
         click.echo(f"  removed {lib}")

@@ -10,13 +10,16 @@ for flags Ollama does not pass itself.
 :func:`recommend` turns a small, explicit :class:`RecommendationInputs` (hardware totals, the
 loaded models' KV geometry, the Ollama version) into a :class:`ConfigPlan`: current value,
 recommended value and one line of why for each variable. :func:`apply_config` writes the plan
-in one of four formats with a timestamped backup, idempotently.
+in one of four formats with a timestamped backup, idempotently; in a file that exists it changes
+only the variables the plan manages and keeps every other line as it was.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import html
 import os
+import plistlib
 import re
 import shlex
 import shutil
@@ -25,12 +28,16 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from xml.parsers.expat import ExpatError
+from xml.sax.saxutils import escape
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from velollm_patch.errors import VelollmError
+from velollm_patch.files import read_limited
 from velollm_patch.hardware import HardwareInfo
 from velollm_patch.model import KV_CACHE_TYPES, resolve_model
 from velollm_patch.ollama.api import (
@@ -218,6 +225,7 @@ class RecommendationInputs:
 class Setting:
     value: str
     source: str  # "environment" or the file that sets it
+    in_target: bool = False  # set in the file --apply writes, which --apply edits
 
 
 @dataclass(frozen=True)
@@ -227,6 +235,9 @@ class CurrentState:
 
     environment: Mapping[str, Setting]
     systemd: Mapping[str, Setting]
+    # What the file --apply writes sets, for the formats other than systemd (whose drop-ins
+    # include that file in their order).
+    written: Mapping[str, Setting] = field(default_factory=dict)
     systemd_files: tuple[Path, ...] = ()
     server_url: str | None = None
     server_version: str | None = None
@@ -236,8 +247,11 @@ class CurrentState:
 
     def values_for(self, fmt: ConfigFormat) -> dict[str, Setting]:
         """The settings the server started by ``fmt``'s mechanism sees: a systemd service gets
-        its drop-ins, not the shell's environment; the other mechanisms use the environment."""
-        return dict(self.systemd if fmt is ConfigFormat.SYSTEMD else self.environment)
+        its drop-ins, not the shell's environment; the other mechanisms use the environment, with
+        what the file --apply writes on top."""
+        if fmt is ConfigFormat.SYSTEMD:
+            return dict(self.systemd)
+        return {**self.environment, **self.written}
 
 
 def _relevant(name: str) -> bool:
@@ -248,63 +262,245 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Setting]:
     return {k: Setting(v, "environment") for k, v in sorted(environ.items()) if _relevant(k)}
 
 
-def _unit_lines(text: str) -> Iterable[str]:
-    pending = ""
-    for raw in text.splitlines():
-        line = raw.strip()
+def _lines(text: str) -> list[str]:
+    """The physical lines of ``text`` as written, line ends included (only "\\n" ends a line, as
+    for systemd; a "\\r" before it stays part of the line)."""
+    return re.findall(r"[^\n]*\n|[^\n]+\Z", text)
+
+
+def _unit_lines(text: str) -> Iterable[tuple[str, str]]:
+    """A unit file's logical lines: the text as written (continuation lines included) and the line
+    systemd reads (stripped, continuations joined)."""
+    raw = pending = ""
+    for physical in _lines(text):
+        raw += physical
+        line = physical.strip()
         if line.endswith("\\"):
             pending += line[:-1] + " "
             continue
-        yield pending + line
-        pending = ""
-    if pending:
-        yield pending
+        yield raw, pending + line
+        raw = pending = ""
+    if raw:
+        yield raw, pending
 
 
-def read_systemd_dropins(directory: Path) -> tuple[dict[str, Setting], tuple[Path, ...], list[str]]:
+# A word of an Environment= value as systemd splits it: unquoted runs, "double" and 'single'
+# quoted parts, backslash escapes. Whatever is between two words must be whitespace.
+_UNIT_WORD = re.compile(r"""(?:[^\s"'\\]|\\.|"(?:[^"\\]|\\.)*"|'[^']*')+""")
+
+
+@dataclass(frozen=True)
+class _Word:
+    """One assignment of a config file. ``name`` is "" for a word that assigns nothing (systemd
+    ignores it); ``raw`` is the text as written, kept verbatim wherever the value stays."""
+
+    name: str
+    value: str
+    raw: str
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A line of a config file (a logical line of a unit file, a command of the launchd script)."""
+
+    text: str  # as written
+    words: tuple[_Word, ...] = ()
+    anchor: bool = False  # new settings may follow it (an assignment; systemd's [Service] header)
+    reset: bool = False  # systemd's empty Environment=, which drops every earlier assignment
+    note: str | None = None  # what could not be used
+
+
+def _environment_words(value: str) -> tuple[_Word, ...]:
+    """The words of an Environment= value; ValueError where a quote is left open."""
+    words: list[_Word] = []
+    end = 0
+    for match in _UNIT_WORD.finditer(value):
+        if value[end:match.start()].strip():
+            raise ValueError(value)
+        end = match.end()
+        name, eq, val = shlex.split(match.group())[0].partition("=")
+        words.append(_Word(name if eq else "", val, match.group()))
+    if value[end:].strip():
+        raise ValueError(value)
+    return tuple(words)
+
+
+def _systemd_pieces(text: str) -> Iterable[_Piece]:
+    section = ""
+    for raw, line in _unit_lines(text):
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            yield _Piece(raw, anchor=section == "Service")
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not line or line[0] in "#;" or section != "Service" or not sep:
+            yield _Piece(raw)
+        elif key == "EnvironmentFile":
+            yield _Piece(raw, note=f"loads {value.strip()}; variables from EnvironmentFile= are not shown")
+        elif key != "Environment":
+            yield _Piece(raw)
+        elif not value.strip():
+            yield _Piece(raw, anchor=True, reset=True)
+        else:
+            try:
+                yield _Piece(raw, _environment_words(value), anchor=True)
+            except ValueError:
+                yield _Piece(raw, anchor=True, note=f"cannot read {line!r}")
+
+
+_ENV_LINE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)")
+
+
+def _env_pieces(text: str) -> Iterable[_Piece]:
+    """``KEY=VALUE`` lines; anything else (comments, blank lines) is kept as it is."""
+    for line in _lines(text):
+        match = _ENV_LINE.fullmatch(line.strip())
+        if match is None:
+            yield _Piece(line)
+        else:
+            yield _Piece(line, (_Word(match[1], match[2].strip(), line.strip()),), anchor=True)
+
+
+# A PowerShell string literal: 'single quoted' ('' is a quote), or "double quoted" without the
+# $ and ` that would make it expand.
+_PS_STRING = r"'(?:[^']|'')*'" + r'|"[^"$`]*"'
+# User-level assignments, as the template writes them; other targets (Machine) and other forms
+# of the call are lines of the user's own, kept as they are.
+_PS_LINE = re.compile(rf"\[(?:System\.)?Environment\]::SetEnvironmentVariable\(\s*({_PS_STRING})\s*,"
+                      rf"\s*({_PS_STRING})\s*,\s*(?:'User'|\"User\")\s*\)\s*;?", re.IGNORECASE)
+
+
+def _ps_unquote(literal: str) -> str:
+    return literal[1:-1].replace("''", "'") if literal[0] == "'" else literal[1:-1]
+
+
+def _powershell_pieces(text: str) -> Iterable[_Piece]:
+    for line in _lines(text):
+        match = _PS_LINE.fullmatch(line.strip())
+        if match is None:
+            yield _Piece(line)
+        else:
+            word = _Word(_ps_unquote(match[1]), _ps_unquote(match[2]), line.strip())
+            yield _Piece(line, (word,), anchor=True)
+
+
+# A command of a `sh -c` script up to the next ";" outside quotes.
+_SH_COMMAND = re.compile(r"""(?:[^;"'\\]|\\.|"(?:[^"\\]|\\.)*"|'[^']*')*""")
+
+
+def _launchd_pieces(script: str) -> Iterable[_Piece]:
+    """The commands of the agent's script; ``launchctl setenv NAME VALUE`` ones are assignments."""
+    pos = 0
+    while pos < len(script):
+        match = _SH_COMMAND.match(script, pos)
+        end = match.end() if match else pos
+        if end < len(script) and script[end] != ";":
+            end = len(script)  # a quote left open: the rest is one command
+        command = script[pos:end]
+        pos = end + 1
+        try:
+            argv = shlex.split(command)
+        except ValueError:
+            argv = []
+        if len(argv) == 4 and argv[0] in ("launchctl", "/bin/launchctl") and argv[1] == "setenv":
+            yield _Piece(command, (_Word(argv[2], argv[3], command.strip()),), anchor=True)
+        else:
+            yield _Piece(command)
+
+
+def _launchd_script(text: str, path: Path) -> tuple[int, int, str]:
+    """Where the agent's ``/bin/sh -c`` script is in the plist's text, and the script."""
+    unusable = (f"{path} is not a launchd agent whose ProgramArguments are /bin/sh -c SCRIPT;"
+                " move it aside or pass another --path")
+    try:
+        data = plistlib.loads(text.encode("utf-8"))
+    except (ValueError, ExpatError) as exc:
+        raise VelollmError(unusable) from exc
+    args = data.get("ProgramArguments") if isinstance(data, dict) else None
+    if not (isinstance(args, list) and len(args) == 3 and args[1] == "-c" and isinstance(args[2], str)):
+        raise VelollmError(unusable)
+    for match in reversed(list(re.finditer(r"<string>(.*?)</string>", text, re.DOTALL))):
+        if html.unescape(match[1]) == args[2]:
+            return match.start(1), match.end(1), args[2]
+    raise VelollmError(unusable)
+
+
+def _pieces(fmt: ConfigFormat, text: str, path: Path) -> list[_Piece]:
+    if fmt is ConfigFormat.SYSTEMD:
+        return list(_systemd_pieces(text))
+    if fmt is ConfigFormat.ENV:
+        return list(_env_pieces(text))
+    if fmt is ConfigFormat.POWERSHELL:
+        return list(_powershell_pieces(text))
+    return list(_launchd_pieces(_launchd_script(text, path)[2]))
+
+
+def _fold(pieces: Iterable[_Piece], source: Path, settings: dict[str, Setting], notes: list[str],
+          in_target: bool) -> None:
+    """Apply one file's assignments to ``settings`` in order, as its reader (systemd, a shell) does."""
+    for piece in pieces:
+        if piece.reset:
+            settings.clear()
+        if piece.note is not None:
+            notes.append(f"{source}: {piece.note}")
+        for word in piece.words:
+            if _relevant(word.name):
+                settings[word.name] = Setting(word.value, str(source), in_target)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def read_systemd_dropins(directory: Path, target: Path | None = None,
+                         ) -> tuple[dict[str, Setting], tuple[Path, ...], list[str]]:
     """The ``Environment=`` assignments of ``directory/*.conf`` in systemd's order.
 
+    ``target`` is the drop-in --apply writes: its settings are marked, and where it lies outside
+    ``directory`` it is read last, as if it were installed as the last drop-in.
     Returns the effective values, the files read, and notes about what could not be used.
     """
     settings: dict[str, Setting] = {}
     notes: list[str] = []
-    if not directory.is_dir():
-        return settings, (), notes
-    files = tuple(sorted(p for p in directory.glob("*.conf") if p.is_file()))
+    files: tuple[Path, ...] = ()
+    if directory.is_dir():
+        files = tuple(sorted(p for p in directory.glob("*.conf") if p.is_file()))
+    if target is not None and target.is_file() and not any(_same_file(f, target) for f in files):
+        files = (*files, target)
     for path in files:
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
             notes.append(f"cannot read {path}: {exc.strerror or exc}")
             continue
-        section = ""
-        for line in _unit_lines(text):
-            if not line or line[0] in "#;":
-                continue
-            if line.startswith("[") and line.endswith("]"):
-                section = line[1:-1]
-                continue
-            key, sep, value = line.partition("=")
-            if section != "Service" or not sep:
-                continue
-            key = key.strip()
-            if key == "EnvironmentFile":
-                notes.append(f"{path} loads {value.strip()}; variables from EnvironmentFile= are not shown")
-            if key != "Environment":
-                continue
-            if not value.strip():
-                settings.clear()  # an empty Environment= resets every earlier assignment
-                continue
-            try:
-                words = shlex.split(value)
-            except ValueError:
-                notes.append(f"{path}: cannot read {line!r}")
-                continue
-            for word in words:
-                name, eq, val = word.partition("=")
-                if eq and _relevant(name):
-                    settings[name] = Setting(val, str(path))
+        _fold(_systemd_pieces(text), path, settings, notes,
+              in_target=target is not None and _same_file(path, target))
     return settings, files, notes
+
+
+# A settings file is a few dozen lines; the bound keeps a wrong --path (a device, a disk image) from being read whole.
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text exactly as written (no newline translation), or None when there is none."""
+    if not path.exists():
+        return None
+    data = read_limited(path, _MAX_CONFIG_BYTES, "settings file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise VelollmError(f"{path} is not UTF-8 text; save it as UTF-8 or pass another --path") from exc
+
+
+def read_config_file(fmt: ConfigFormat, path: Path) -> dict[str, Setting]:
+    """The settings the file --apply writes holds now ({} when there is no such file)."""
+    text = _read_text(path)
+    settings: dict[str, Setting] = {}
+    if text is not None:
+        _fold(_pieces(fmt, text, path), path, settings, [], in_target=True)
+    return settings
 
 
 def _local_weights(name: str) -> int | None:
@@ -321,10 +517,18 @@ def collect_current(
     environ: Mapping[str, str],
     systemd_dir: Path,
     client: OllamaClient | None,
+    target: tuple[ConfigFormat, Path] | None = None,
 ) -> CurrentState:
-    """Read the environment, the systemd drop-ins and, when ``client``'s server answers, its
-    version and loaded models (with their KV geometry from ``/api/show``)."""
-    systemd, files, notes = read_systemd_dropins(systemd_dir)
+    """Read the environment, the systemd drop-ins, the file --apply writes (``target``: its
+    format and path) and, when ``client``'s server answers, its version and loaded models (with
+    their KV geometry from ``/api/show``)."""
+    fmt, path = target if target is not None else (None, None)
+    # A systemd target is one of the drop-ins, which apply in their order; for the other formats
+    # the file comes on top of the environment.
+    systemd, files, notes = read_systemd_dropins(systemd_dir, path if fmt is ConfigFormat.SYSTEMD else None)
+    written: dict[str, Setting] = {}
+    if fmt is not None and path is not None and fmt is not ConfigFormat.SYSTEMD:
+        written = read_config_file(fmt, path)
     version = error = url = None
     models: list[LoadedModel] = []
     if client is not None:
@@ -344,7 +548,7 @@ def collect_current(
         except VelollmError as exc:
             error = str(exc)
     return CurrentState(
-        environment=read_environment(environ), systemd=systemd, systemd_files=files,
+        environment=read_environment(environ), systemd=systemd, written=written, systemd_files=files,
         server_url=url, server_version=version, server_error=error, models=tuple(models),
         notes=tuple(notes),
     )
@@ -359,10 +563,18 @@ class Recommendation:
     value: str | None  # None: leave unset, i.e. Ollama's default
     why: str
     source: str | None = None  # where the current value comes from
+    # Too little is known to advise (no server, no model to size against): whatever is set stays,
+    # where a None value without it advises removing what is set.
+    keep: bool = False
+
+    @property
+    def after(self) -> str | None:
+        """The value once the plan is applied."""
+        return self.current if self.keep else self.value
 
     @property
     def changes(self) -> bool:
-        return self.current != self.value
+        return self.current != self.after
 
 
 @dataclass(frozen=True)
@@ -372,7 +584,7 @@ class ConfigPlan:
     warnings: tuple[str, ...] = ()
 
     def values(self) -> dict[str, str]:
-        """The variables a written config sets, in plan order."""
+        """The variables a freshly written config sets, in plan order."""
         return {r.name: r.value for r in self.recommendations if r.value is not None}
 
 
@@ -445,9 +657,9 @@ class _Planner:
         else:
             self.budget = None
 
-    def add(self, name: str, value: str | None, why: str) -> None:
+    def add(self, name: str, value: str | None, why: str, *, keep: bool = False) -> None:
         current, source = _current(self.current, name)
-        self.recs.append(Recommendation(name, current, value, why, source))
+        self.recs.append(Recommendation(name, current, value, why, source, keep))
 
     def plan(self) -> ConfigPlan:
         self.host()
@@ -474,14 +686,15 @@ class _Planner:
     def kv_cache(self) -> str:
         name = "OLLAMA_KV_CACHE_TYPE"
         if self.version is None:
-            self.add(name, None, "Ollama's version is unknown (no server answered and none was given),"
-                                 " so the KV cache stays f16: a wrong quantized type stops models loading")
-            return "f16"
+            self.add(name, None, "Ollama's version is unknown (no server answered and none was given):"
+                                 " left as it is, f16 when unset; a wrong quantized type stops models loading",
+                     keep=True)
+            return self.kept_kv()
         if not self.sized:
-            self.add(name, None, "no loaded model with known head dims: a quantized KV cache crashes"
-                                 " llama-server when they do not divide its block size; load your"
-                                 " models and run this again")
-            return "f16"
+            self.add(name, None, "no loaded model with known head dims: left as it is, f16 when unset (a"
+                                 " quantized KV cache crashes llama-server when they do not divide its block"
+                                 " size); load your models and run this again", keep=True)
+            return self.kept_kv()
         problem = kv_type_problem(RECOMMENDED_KV_TYPE, self.version, self.sized)
         if problem is not None:
             self.add(name, None, f"stays f16: {problem}")
@@ -496,6 +709,13 @@ class _Planner:
                  f" {RECOMMENDED_KV_TYPE}'s block of 32")
         return RECOMMENDED_KV_TYPE
 
+    def kept_kv(self) -> str:
+        """The KV cache type a kept OLLAMA_KV_CACHE_TYPE gives, so that the settings planned after it
+        (flash attention, context) fit the cache the server will really have."""
+        value, _ = _current(self.current, "OLLAMA_KV_CACHE_TYPE")
+        kv = (value or "").strip().strip("\"'").lower()
+        return kv if kv in KV_CACHE_TYPES else "f16"
+
     def flash_attention(self, kv: str) -> None:
         name = "OLLAMA_FLASH_ATTENTION"
         if kv != "f16":
@@ -508,7 +728,8 @@ class _Planner:
             self.add(name, "1", "Ollama before 0.30 enables flash attention only for some architectures"
                                 " unless asked; it cuts attention memory at long contexts")
         else:
-            self.add(name, None, "no GPU or unknown Ollama version: left to Ollama's default")
+            self.add(name, None, "no GPU or unknown Ollama version: left as it is (Ollama's default when unset)",
+                     keep=True)
 
     def num_parallel(self) -> None:
         n = self.parallel
@@ -523,10 +744,12 @@ class _Planner:
     def context_length(self, kv: str) -> int | None:
         name = "OLLAMA_CONTEXT_LENGTH"
         if self.budget is None:
-            self.add(name, None, "memory size unknown (pass the VRAM size): Ollama's VRAM tier stays")
+            self.add(name, None, "memory size unknown (pass the VRAM size): left as it is (Ollama's VRAM"
+                                 " tier when unset)", keep=True)
             return None
         if not self.sized:
-            self.add(name, None, "no loaded model to size against: Ollama's VRAM tier stays")
+            self.add(name, None, "no loaded model to size against: left as it is (Ollama's VRAM tier when"
+                                 " unset)", keep=True)
             return None
         largest = max(self.sized, key=lambda m: m.estimated_weights())
         weights = largest.estimated_weights()
@@ -548,7 +771,8 @@ class _Planner:
     def max_loaded(self, kv: str, ctx: int | None) -> None:
         name = "OLLAMA_MAX_LOADED_MODELS"
         if self.budget is None or ctx is None or not self.sized:
-            self.add(name, None, "nothing to size against: Ollama's default (3 per GPU) stays")
+            self.add(name, None, "nothing to size against: left as it is (Ollama's default, 3 per GPU, when"
+                                 " unset)", keep=True)
             return
         footprint = max(m.estimated_weights() + ctx * self.parallel * (m.kv_bytes_per_token(kv) or 0.0)
                         for m in self.sized)
@@ -598,7 +822,10 @@ class _Planner:
                 self.warnings.append(f"OLLAMA_KEEP_ALIVE={keep} ({keep_source}) is neither a duration"
                                      " nor seconds; Ollama ignores it and uses 5m")
         for rec in self.recs:
-            if rec.value is None and rec.current is not None:
+            setting = self.current.get(rec.name)
+            # --apply removes a value it advises against from the file it writes; elsewhere the
+            # user has to.
+            if rec.after is None and setting is not None and not setting.in_target:
                 self.warnings.append(
                     f"{rec.name}={rec.current} from {rec.source} stays in effect; the recommendation is"
                     " to remove it there")
@@ -652,24 +879,174 @@ def default_config_path(fmt: ConfigFormat, *, systemd_dir: Path = SYSTEMD_DROPIN
     return get_paths().data / "ollama" / name
 
 
+class _Entry(NamedTuple):
+    name: str
+    value: str
+    why: str
+
+
+def _entries(plan: ConfigPlan, fmt: ConfigFormat) -> list[_Entry]:
+    """The variables the plan sets, checked to be writable in ``fmt``."""
+    entries = [_Entry(r.name, r.value, r.why) for r in plan.recommendations if r.value is not None]
+    for entry in entries:
+        if not _SAFE_VALUE.fullmatch(entry.value):
+            raise VelollmError(f"{entry.name}={entry.value!r} holds characters a {fmt.value} file cannot carry")
+    return entries
+
+
+def _word(fmt: ConfigFormat, name: str, value: str) -> str:
+    """One assignment as ``fmt`` writes it (for systemd, a word of an Environment= line)."""
+    if fmt is ConfigFormat.SYSTEMD:
+        return f'"{name}={value}"'
+    if fmt is ConfigFormat.POWERSHELL:
+        return f"[Environment]::SetEnvironmentVariable('{name}', '{value}', 'User')"
+    if fmt is ConfigFormat.LAUNCHD:
+        return f"/bin/launchctl setenv {name} {shlex.quote(value)}"
+    return f"{name}={value}"
+
+
+def _line(fmt: ConfigFormat, words: Sequence[str]) -> str:
+    """A line holding these assignments: an Environment= line takes several, the others one."""
+    return f"Environment={' '.join(words)}" if fmt is ConfigFormat.SYSTEMD else words[0]
+
+
+def _assignment(fmt: ConfigFormat, name: str, value: str) -> str:
+    return _line(fmt, [_word(fmt, name, value)])
+
+
 def render_config(plan: ConfigPlan, fmt: ConfigFormat) -> str:
-    entries = [r for r in plan.recommendations if r.value is not None]
-    for rec in entries:
-        if rec.value is None or not _SAFE_VALUE.fullmatch(rec.value):
-            raise VelollmError(f"{rec.name}={rec.value!r} holds characters a {fmt.value} file cannot carry")
+    """The file a plan gives where there is none yet."""
+    entries = _entries(plan, fmt)
     return render_template(
         _TEMPLATES[fmt],
         entries=entries,
+        line=partial(_assignment, fmt),
         label=LAUNCHD_LABEL,
-        script=" ; ".join(f"/bin/launchctl setenv {r.name} {shlex.quote(r.value or '')}" for r in entries),
+        script=" ; ".join(_assignment(fmt, e.name, e.value) for e in entries),
     )
 
 
 @dataclass(frozen=True)
+class KeyChanges:
+    """What applying a plan does to a file: the variables it adds, changes and removes, those it
+    manages that stay as they are, and how many of the file's other lines it keeps (launchd: the
+    other commands of its script)."""
+
+    added: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
+    other_lines: int = 0
+
+    @property
+    def edits(self) -> bool:
+        return bool(self.added or self.changed or self.removed)
+
+
+def _rewrite(fmt: ConfigFormat, piece: _Piece, raws: Sequence[str]) -> str:
+    """``piece`` holding the assignments ``raws``: verbatim when they are its own, gone when none
+    is left (an empty Environment= would reset every assignment before it)."""
+    if list(raws) == [word.raw for word in piece.words]:
+        return piece.text
+    if not raws:
+        return ""
+    lead = piece.text[:len(piece.text) - len(piece.text.lstrip())]
+    tail = piece.text[len(piece.text.rstrip()):]
+    return lead + _line(fmt, raws) + tail
+
+
+def _edit(pieces: Sequence[_Piece], plan: ConfigPlan, fmt: ConfigFormat) -> tuple[list[str], KeyChanges]:
+    """The pieces' texts with the plan's variables set, and what that changes.
+
+    Only the variables the plan has an opinion on are touched: one it sets gets its value (every
+    line that assigns it, so a duplicate cannot win later); one it advises leaving unset loses its
+    lines, since the plan shows that removal and the file is the one --apply writes; one it cannot
+    judge (``keep``: no server, nothing to size against) stays as the user set it. Variables the
+    file does not set yet are left for the caller to add.
+    """
+    recs = {r.name: r for r in plan.recommendations}
+    texts: list[str] = []
+    found: set[str] = set()
+    changed: set[str] = set()
+    removed: set[str] = set()
+    others = 0
+    for piece in pieces:
+        if piece.reset:
+            found.clear()  # what was assigned before is gone: set it again after
+        if not any(word.name in recs for word in piece.words):
+            texts.append(piece.text)
+            others += bool(piece.text.strip())
+            continue
+        raws: list[str] = []
+        for word in piece.words:
+            rec = recs.get(word.name)
+            if rec is None or rec.keep or rec.value == word.value:
+                raws.append(word.raw)
+            elif rec.value is None:
+                removed.add(word.name)
+            else:
+                raws.append(_word(fmt, word.name, rec.value))
+                changed.add(word.name)
+            if rec is not None:
+                found.add(word.name)
+        texts.append(_rewrite(fmt, piece, raws))
+    order = [r.name for r in plan.recommendations]
+    added = {e.name for e in _entries(plan, fmt)} - found
+    return texts, KeyChanges(
+        added=tuple(n for n in order if n in added),
+        changed=tuple(n for n in order if n in changed),
+        removed=tuple(n for n in order if n in removed),
+        kept=tuple(n for n in order if n in found - changed - removed),
+        other_lines=others,
+    )
+
+
+def _edit_config(old: str, plan: ConfigPlan, fmt: ConfigFormat, path: Path) -> tuple[str, KeyChanges]:
+    """``old`` with the plan applied: new variables go after the file's last assignment (into
+    its last [Service] section for systemd), with their why as a comment as in a fresh file;
+    every other line stays byte for byte."""
+    script_span = _launchd_script(old, path) if fmt is ConfigFormat.LAUNCHD else None
+    pieces = list(_launchd_pieces(script_span[2])) if script_span else _pieces(fmt, old, path)
+    texts, changes = _edit(pieces, plan, fmt)
+    if not changes.edits:
+        return old, changes
+    anchors = [i for i, piece in enumerate(pieces) if piece.anchor]
+    at = anchors[-1] + 1 if anchors else len(texts)
+    new = [e for e in _entries(plan, fmt) if e.name in changes.added]
+    if script_span is not None:
+        texts[at:at] = [_assignment(fmt, e.name, e.value) for e in new]
+        script = " ; ".join(t.strip() for t in texts if t.strip())
+        return old[:script_span[0]] + escape(script) + old[script_span[1]:], changes
+    nl = "\r\n" if "\r\n" in old else "\n"
+    block = "".join(f"# {e.why}{nl}{_assignment(fmt, e.name, e.value)}{nl}" for e in new)
+    if new and fmt is ConfigFormat.SYSTEMD and not anchors:
+        block = f"[Service]{nl}{block}"
+    texts.insert(at, block)
+    text = ""
+    for piece_text in texts:
+        if piece_text and text and not text.endswith("\n"):
+            text += nl  # the file's last line had no line end, and something now follows it
+        text += piece_text
+    return text, changes
+
+
+@dataclass(frozen=True)
 class ApplyResult:
-    path: Path
+    path: Path  # the file written: where a symlink points, the link itself stays
     changed: bool
     backup: Path | None = None
+    keys: KeyChanges = field(default_factory=KeyChanges)
+
+
+def _follow(path: Path) -> Path:
+    """The file ``path`` names: where it points when it is a symlink, so the link stays a link."""
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "its links form a loop"
+        raise VelollmError(f"cannot follow the symlink {path} ({reason}); pass the file itself with --path") from exc
 
 
 def _writable_dir(directory: Path) -> None:
@@ -688,18 +1065,21 @@ def apply_config(plan: ConfigPlan, fmt: ConfigFormat, path: Path, *,
                  now: dt.datetime | None = None) -> ApplyResult:
     """Write ``plan`` to ``path`` atomically, keeping a timestamped copy of what was there.
 
-    A file that already holds exactly this content is left alone (no rewrite, no backup), so
-    applying twice changes nothing. On any failure no file is changed.
+    A file that exists keeps everything but the variables the plan manages (see :func:`_edit`);
+    a symlink is followed and the file it points to written, with the backup beside it. A file
+    that already holds exactly this content is left alone (no rewrite, no backup), so applying
+    twice changes nothing. On any failure no file is changed.
     """
-    text = render_config(plan, fmt)
+    path = _follow(path)
     if path.is_dir():
         raise VelollmError(f"{path} is a directory; pass the file to write")
-    try:
-        old = path.read_text(encoding="utf-8") if path.exists() else None
-    except OSError as exc:
-        raise VelollmError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    old = _read_text(path)
+    if old is None:
+        text, keys = render_config(plan, fmt), KeyChanges(added=tuple(plan.values()))
+    else:
+        text, keys = _edit_config(old, plan, fmt, path)
     if old == text:
-        return ApplyResult(path, changed=False)
+        return ApplyResult(path, changed=False, keys=keys)
     _writable_dir(path.parent)
     if old is not None and not os.access(path, os.W_OK):
         raise VelollmError(f"no permission to replace {path} (run with sudo, or pass --path)")
@@ -717,7 +1097,8 @@ def apply_config(plan: ConfigPlan, fmt: ConfigFormat, path: Path, *,
         mode = path.stat().st_mode & 0o7777 if old is not None else 0o644
         tmp: Path | None = None
         try:
-            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False,
+            # newline="": the kept lines keep their line ends (CRLF included) byte for byte.
+            with tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="", dir=path.parent, delete=False,
                                              prefix=f".{path.name}.", suffix=".tmp") as handle:
                 tmp = Path(handle.name)
                 handle.write(text)
@@ -733,4 +1114,4 @@ def apply_config(plan: ConfigPlan, fmt: ConfigFormat, path: Path, *,
         if backup is not None:
             backup.unlink(missing_ok=True)
         raise VelollmError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    return ApplyResult(path, changed=True, backup=backup)
+    return ApplyResult(path, changed=True, backup=backup, keys=keys)

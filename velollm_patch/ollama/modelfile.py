@@ -24,6 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from velollm_patch.errors import VelollmError
+from velollm_patch.files import read_limited
 from velollm_patch.ollama.api import ShowResponse
 from velollm_patch.ollama.gosyntax import (
     go_unquote,
@@ -192,6 +193,15 @@ def format_param(name: str, value: str, target: OllamaVersion = LATEST_KNOWN) ->
 
 
 # --- Decoding and parsing ------------------------------------------------------------------------
+
+# Ollama reads a Modelfile whole and sets no limit; a real one (a template, a system prompt, a few
+# MESSAGEs) is kilobytes, so this bound only stops a wrong path such as /dev/zero.
+MAX_MODELFILE_BYTES = 16 << 20
+
+
+def read_modelfile(path: Path) -> bytes:
+    return read_limited(path, MAX_MODELFILE_BYTES, "Modelfile")
+
 
 def decode_modelfile(data: bytes) -> str:
     """``unicode.BOMOverride(UTF8)``: a UTF-8 or UTF-16 BOM picks the encoding, else UTF-8.
