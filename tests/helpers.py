@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import gguf
+import numpy as np
+
+from velollm_patch.bench.metrics import PointResult, RequestSample, ScenarioResult
+from velollm_patch.bench.runner import BenchConfig, RunResult
+from velollm_patch.bench.targets import TargetInfo
 from velollm_patch.hardware import HardwareInfo
 
 HARDWARE_DATA = Path(__file__).parent / "data" / "hardware"
@@ -17,3 +25,112 @@ CPU_REPACK_Q4_1_PATCH = "cpu-repack-q4-1"
 def recorded_hardware(name: str) -> HardwareInfo:
     """A machine recorded in tests/data/hardware/NAME.json (h100, rtx3060, rtx4090, m2max, ...)."""
     return HardwareInfo.from_dict(json.loads((HARDWARE_DATA / f"{name}.json").read_text()))
+
+
+def default_tokens(n: int) -> list[str]:
+    return ["<unk>", "<s>", "</s>"] + [f"tok{i}" for i in range(3, n)]
+
+
+def write_gguf(
+    path: Path,
+    *,
+    arch: str = "llama",
+    n_layers: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int | Sequence[int] = 2,
+    tokens: Sequence[str] | None = None,
+    tokenizer: str = "llama",
+    bos: int | None = 1,
+    eos: int | None = 2,
+    add_bos: bool | None = None,
+    ctx: int = 2048,
+    qtype: Any = gguf.GGMLQuantizationType.F32,
+    file_type: int | None = None,
+    extra: dict[str, Any] | None = None,
+    endianess: Any = gguf.GGUFEndian.LITTLE,
+    name: str | None = None,
+) -> Path:
+    """A tiny llama-like model: embeddings, per-layer attention weights, a small vocabulary."""
+    tokens = list(tokens) if tokens is not None else default_tokens(96)
+    w = gguf.GGUFWriter(path, arch, endianess=endianess)
+    w.add_name(path.stem if name is None else name)
+    w.add_block_count(n_layers)
+    w.add_context_length(ctx)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_embd * 2)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_tokenizer_model(tokenizer)
+    w.add_token_list(tokens)
+    if bos is not None:
+        w.add_bos_token_id(bos)
+    if eos is not None:
+        w.add_eos_token_id(eos)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if file_type is not None:
+        w.add_file_type(file_type)
+    for key, value in (extra or {}).items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, value)
+
+    def tensor(name: str, rows: int, cols: int) -> None:
+        if qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, np.ones((rows, cols), dtype=np.float32))
+        else:
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            w.add_tensor(name, np.zeros((rows, cols // block * size), dtype=np.uint8), raw_dtype=qtype)
+
+    kv_dim = n_embd // n_head * (n_head_kv if isinstance(n_head_kv, int) else max(n_head_kv))
+    tensor("token_embd.weight", len(tokens), n_embd)
+    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    for il in range(n_layers):
+        w.add_tensor(f"blk.{il}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        tensor(f"blk.{il}.attn_q.weight", n_embd, n_embd)
+        tensor(f"blk.{il}.attn_k.weight", kv_dim, n_embd)
+        tensor(f"blk.{il}.attn_v.weight", kv_dim, n_embd)
+        tensor(f"blk.{il}.ffn_up.weight", n_embd * 2, n_embd)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def request_sample(decode: float, latency: float = 1.0, *, drafted: int | None = None, accepted: int | None = None,
+                   prompt_tokens: int = 100, completion: int = 50) -> RequestSample:
+    return RequestSample(
+        prompt_tokens=prompt_tokens, completion_tokens=completion, latency_s=latency, ttft_s=latency / 10,
+        decode_tps=decode, prompt_tps=decode * 10, timing_source="server", draft_tokens=drafted,
+        draft_accepted=accepted,
+    )
+
+
+def run_result(label: str, decode: float, *, run_id: str = "r1") -> RunResult:
+    """A `bench run` result with every kind of point (plain, clients, context sizes) and a failed scenario."""
+    info = TargetInfo(kind="build", spec=label, label=label, api="llama-server", model="/m/SmolLM2.gguf",
+                      model_bytes=100 * 1024**2, n_ctx=8192, slots=4, build={"build_id": f"{label}-1", "patches": []})
+    sample = request_sample
+    scenarios = [
+        ScenarioResult("short", "Short completion", points=[
+            PointResult("", None, (sample(decode, 0.5), sample(decode * 1.1, 0.6)), 1.1, 200 * 1024**2)]),
+        ScenarioResult("concurrency", "Concurrent users", points=[
+            PointResult("1", 1, (sample(decode, 0.5),), 0.5, 210 * 1024**2),
+            PointResult("2", 2, (sample(decode, 0.7), sample(decode, 0.8)), 0.8, 220 * 1024**2)]),
+        ScenarioResult("context_fill", "Context fill", points=[
+            PointResult("1024", 1024, (sample(decode, 1, prompt_tokens=1000),), 1, 230 * 1024**2, None, 64 * 1024**2),
+            PointResult("4096", 4096, (sample(decode, 2, prompt_tokens=4000),), 2, 260 * 1024**2, None, 96 * 1024**2),
+        ]),
+        ScenarioResult("code_edit", "Code edit", status="failed",
+                       error="llama-server exited with code -9 during the request; last log lines:\nboom"),
+    ]
+    return RunResult(id=run_id, created="2026-11-23T10:00:00+0000", target=info, hardware={},
+                     config=BenchConfig(repeats=2), scenarios=scenarios, status="partial", duration_s=12.0,
+                     events=["llama-server had exited with code -9; restarted it"])

@@ -8,15 +8,14 @@ import os
 import random
 import signal
 import struct
-import time
+import tracemalloc
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import gguf
-import numpy as np
 import pytest
 
+from tests.helpers import default_tokens, write_gguf
 from velollm_patch.errors import VelollmError
 from velollm_patch.model import (
     ModelInfo,
@@ -26,6 +25,7 @@ from velollm_patch.model import (
     list_ollama_models,
     resolve_model,
 )
+from velollm_patch.tune import describe_model
 
 
 @pytest.fixture(autouse=True)
@@ -38,82 +38,6 @@ def _isolated_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 # ---------------------------------------------------------------------------------------------
 # Synthetic models
 # ---------------------------------------------------------------------------------------------
-
-
-def default_tokens(n: int) -> list[str]:
-    return ["<unk>", "<s>", "</s>"] + [f"tok{i}" for i in range(3, n)]
-
-
-def write_gguf(
-    path: Path,
-    *,
-    arch: str = "llama",
-    n_layers: int = 2,
-    n_embd: int = 64,
-    n_head: int = 4,
-    n_head_kv: int | Sequence[int] = 2,
-    tokens: Sequence[str] | None = None,
-    tokenizer: str = "llama",
-    bos: int | None = 1,
-    eos: int | None = 2,
-    add_bos: bool | None = None,
-    ctx: int = 2048,
-    qtype: Any = gguf.GGMLQuantizationType.F32,
-    file_type: int | None = None,
-    extra: dict[str, Any] | None = None,
-    endianess: Any = gguf.GGUFEndian.LITTLE,
-) -> Path:
-    """A tiny llama-like model: embeddings, per-layer attention weights, a small vocabulary."""
-    tokens = list(tokens) if tokens is not None else default_tokens(96)
-    w = gguf.GGUFWriter(path, arch, endianess=endianess)
-    w.add_name(path.stem)
-    w.add_block_count(n_layers)
-    w.add_context_length(ctx)
-    w.add_embedding_length(n_embd)
-    w.add_feed_forward_length(n_embd * 2)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_tokenizer_model(tokenizer)
-    w.add_token_list(tokens)
-    if bos is not None:
-        w.add_bos_token_id(bos)
-    if eos is not None:
-        w.add_eos_token_id(eos)
-    if add_bos is not None:
-        w.add_add_bos_token(add_bos)
-    if file_type is not None:
-        w.add_file_type(file_type)
-    for key, value in (extra or {}).items():
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_array(key, value)
-
-    def tensor(name: str, rows: int, cols: int) -> None:
-        if qtype == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, np.ones((rows, cols), dtype=np.float32))
-        else:
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            w.add_tensor(name, np.zeros((rows, cols // block * size), dtype=np.uint8), raw_dtype=qtype)
-
-    kv_dim = n_embd // n_head * (n_head_kv if isinstance(n_head_kv, int) else max(n_head_kv))
-    tensor("token_embd.weight", len(tokens), n_embd)
-    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    for il in range(n_layers):
-        w.add_tensor(f"blk.{il}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        tensor(f"blk.{il}.attn_q.weight", n_embd, n_embd)
-        tensor(f"blk.{il}.attn_k.weight", kv_dim, n_embd)
-        tensor(f"blk.{il}.attn_v.weight", kv_dim, n_embd)
-        tensor(f"blk.{il}.ffn_up.weight", n_embd * 2, n_embd)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 @pytest.fixture
@@ -416,7 +340,21 @@ def _deadline(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _mutations(data: bytes, header_end: int, tokens_count_at: int) -> Iterator[tuple[str, bytes]]:
+def _length_fields(reader: gguf.GGUFReader) -> list[int]:
+    """Offsets of the u64 length fields in the header: every key's, and every string value's."""
+    found = []
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        found.append(f.offset)
+        if f.types == [gguf.GGUFValueType.STRING]:
+            found.append(f.offset + 8 + len(name) + 4)
+    return found
+
+
+def _mutations(
+    data: bytes, header_end: int, lengths: Sequence[int], tokens_count_at: int
+) -> Iterator[tuple[str, bytes]]:
     rng = random.Random(20240611)
     # Truncation every 7 bytes through the header and a few cuts into the tensor data.
     for n in range(0, header_end, 7):
@@ -429,6 +367,17 @@ def _mutations(data: bytes, header_end: int, tokens_count_at: int) -> Iterator[t
         for _ in range(rng.randint(1, 4)):
             buf[rng.randrange(header_end if i % 4 else len(data))] = rng.randrange(256)
         yield f"flip#{i}", bytes(buf)
+    # One flipped bit anywhere in the header: what a bad disk or a bad download does.
+    for i in range(1600):
+        at, bit = rng.randrange(header_end), rng.randrange(8)
+        buf = bytearray(data)
+        buf[at] ^= 1 << bit
+        yield f"bit#{i}@{at}.{bit}", bytes(buf)
+    # Every bit of every key and string length: the reads that once copied megabytes into one message.
+    for at in lengths:
+        for bit in range(64):
+            value = struct.unpack_from("<Q", data, at)[0] ^ (1 << bit)
+            yield f"length@{at}^bit{bit}", data[:at] + struct.pack("<Q", value) + data[at + 8 :]
     # Huge counts and lengths: at the known count fields, then at random header positions.
     huge = [1 << 63, (1 << 64) - 1, 1 << 32, 1 << 40, 0x7FFFFFFF]
     for at in (8, 16, tokens_count_at):
@@ -439,6 +388,53 @@ def _mutations(data: bytes, header_end: int, tokens_count_at: int) -> Iterator[t
         yield f"huge#{i}@{at}", data[:at] + struct.pack("<Q", rng.choice(huge)) + data[at + 8 :]
 
 
+# What an error may add to the file's path: our sentence and short quotes (velollm_patch.errors.QUOTE_LIMIT).
+_MESSAGE_ALLOWANCE = 600
+
+
+def _inspect_everything(path: Path, base_info: ModelInfo) -> None:
+    """Everything `inspect` and the draft search do with a model: the result, its report, its KV sizes, its
+    vocabulary against the base model's."""
+    info = inspect_model(path)
+    info.to_dict()
+    describe_model(info, None, 1)
+    with contextlib.suppress(VelollmError):
+        info.kv_bytes(4096, n_slots=2, type_k="q8_0", type_v="q4_0")
+    with contextlib.suppress(VelollmError):
+        draft_compatibility(base_info, info)
+
+
+def _check_bounded(label: str, path: Path, base_info: ModelInfo) -> str:
+    """Run :func:`_inspect_everything` under a time and a memory watchdog: ``parsed``, or ``rejected`` with one
+    short line, and never another exception, a hang, or memory out of proportion to the file."""
+    size = path.stat().st_size
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    outcome = "parsed"
+    with _deadline(10):  # a hang guard, not a speed requirement: a case takes milliseconds
+        try:
+            _inspect_everything(path, base_info)
+        except VelollmError as e:
+            message = str(e)
+            assert "\n" not in message, label
+            assert len(message) <= len(str(path)) + _MESSAGE_ALLOWANCE, f"{label}: {len(message)} characters"
+            outcome = "rejected"
+        except Exception as e:  # pragma: no cover - the assertion message is the point
+            pytest.fail(f"{label}: {type(e).__name__}: {e}")
+    peak = tracemalloc.get_traced_memory()[1] - before
+    # Strings decoded from the file and the token list read for the draft check are a few times its size.
+    assert peak <= 16 * size + (16 << 20), f"{label}: {peak / 2**20:.0f} MiB for a {size}-byte file"
+    return outcome
+
+
+@pytest.fixture
+def _traced_memory() -> Iterator[None]:
+    tracemalloc.start()
+    yield
+    tracemalloc.stop()
+
+
+@pytest.mark.usefixtures("_traced_memory")
 def test_fuzzed_files_parse_or_fail_cleanly(tmp_path: Path) -> None:
     base = write_gguf(
         tmp_path / "base.gguf",
@@ -456,30 +452,39 @@ def test_fuzzed_files_parse_or_fail_cleanly(tmp_path: Path) -> None:
     # the array's element count follows its key (length + text), value type and element type
     tokens_count_at = reader.fields["tokenizer.ggml.tokens"].offset + 8 + len("tokenizer.ggml.tokens") + 4 + 4
     assert struct.unpack_from("<Q", data, tokens_count_at)[0] == 40
-    cases = list(_mutations(data, header_end, tokens_count_at))
-    assert len(cases) >= 300
+    cases = list(_mutations(data, header_end, _length_fields(reader), tokens_count_at))
+    assert len(cases) >= 3000
     outcomes = {"parsed": 0, "rejected": 0}
-    started = time.monotonic()
-    for i, (label, content) in enumerate(cases):
-        path = tmp_path / f"case{i}.gguf"
+    path = tmp_path / "case.gguf"
+    for label, content in cases:
         path.write_bytes(content)
-        with _deadline(10):
-            try:
-                info = inspect_model(path)
-                info.to_dict()
-                with contextlib.suppress(VelollmError):
-                    info.kv_bytes(4096, n_slots=2, type_k="q8_0", type_v="q4_0")
-                with contextlib.suppress(VelollmError):
-                    draft_compatibility(base_info, info)
-                outcomes["parsed"] += 1
-            except VelollmError as e:
-                assert "\n" not in str(e), label
-                outcomes["rejected"] += 1
-            except Exception as e:  # pragma: no cover - the assertion message is the point
-                pytest.fail(f"{label}: {type(e).__name__}: {e}")
-        path.unlink()
+        outcomes[_check_bounded(label, path, base_info)] += 1
     assert outcomes["parsed"] > 0 and outcomes["rejected"] > 0
-    assert time.monotonic() - started < 60
+
+
+@pytest.fixture(scope="module")
+def large_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A 100k-token vocabulary and its embeddings: a file of ~14 MB, so a flipped length bit up to 2**23 still
+    # points inside it and the bytes after it are read as a key or a name.
+    return write_gguf(tmp_path_factory.mktemp("large") / "large.gguf", n_embd=32, n_head=2, n_head_kv=1,
+                      tokens=default_tokens(100_000))
+
+
+@pytest.mark.usefixtures("_traced_memory")
+@pytest.mark.parametrize("field", ["general.architecture", "general.name"])
+@pytest.mark.parametrize("bit", [14, 22])
+def test_a_flipped_length_in_a_large_file_stays_bounded(tmp_path: Path, large_gguf: Path, field: str, bit: int) -> None:
+    base = large_gguf
+    base_info = inspect_model(base)
+    reader = gguf.GGUFReader(base)
+    key_at = reader.fields[field].offset
+    at = key_at if field == "general.architecture" else key_at + 8 + len(field) + 4  # the key's, the value's length
+    data = bytearray(base.read_bytes())
+    assert 1 << bit < len(data)
+    data[at : at + 8] = struct.pack("<Q", struct.unpack_from("<Q", data, at)[0] | 1 << bit)
+    path = tmp_path / "flipped.gguf"
+    path.write_bytes(bytes(data))
+    assert _check_bounded(f"{field} length bit {bit}", path, base_info) == "rejected"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """``serve`` against the real patched llama-server and SmolLM2 (issue #6): the supervisor restarts a
 killed server on the same URL, gives up after a bounded number of crashes, and the CLI command
-serves the tuned plan and exits 0 on Ctrl-C and on SIGTERM. No timing thresholds."""
+serves the tuned plan and exits 130 on Ctrl-C and 143 on SIGTERM, as the README's Errors section says.
+No timing thresholds."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,10 +150,19 @@ def _serve(smollm2_gguf: Path, port: int) -> tuple[subprocess.Popen[str], str]:
     return process, line
 
 
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
-def test_serve_command(patched_build: InstalledBuild, smollm2_gguf: Path, how: signal.Signals) -> None:
+@pytest.mark.parametrize(("how", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_serve_command(
+    patched_build: InstalledBuild, smollm2_gguf: Path, tmp_path: Path, how: signal.Signals, exit_code: int,
+) -> None:
+    # The model's path looks like console markup and an emoji code: the plan lines print it as it is.
+    odd = tmp_path / "odd[" / "red] [bold]:smile:" / "model[x].gguf"  # the path holds "[/red]"
+    odd.parent.mkdir(parents=True)
+    try:
+        os.link(smollm2_gguf, odd)  # not a symlink: the CLI resolves those to the real file's name
+    except OSError:
+        shutil.copyfile(smollm2_gguf, odd)
     port = serve.free_port()
-    process, line = _serve(smollm2_gguf, port)
+    process, line = _serve(odd, port)
     try:
         url = f"http://127.0.0.1:{port}"
         assert url in line
@@ -159,9 +170,10 @@ def test_serve_command(patched_build: InstalledBuild, smollm2_gguf: Path, how: s
         server_pids = [c.pid for c in psutil.Process(process.pid).children() if "llama-server" in c.name()]
         assert len(server_pids) == 1
         process.send_signal(how)
-        assert process.wait(timeout=60) == 0
+        assert process.wait(timeout=60) == exit_code
         assert process.stderr is not None
         err = process.stderr.read()
+        assert "[/red]" in str(odd) and str(odd) in err and "model[x].gguf" in line, err
         # The plan, with its reasons and planned memory, went to stderr ahead of the URL.
         assert "kv_types" in err and "memory:" in err and "measured RSS" in err
         assert not psutil.pid_exists(server_pids[0])

@@ -13,17 +13,19 @@ from types import FrameType
 from typing import Any, ParamSpec, TypeVar
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from velollm_patch import __version__, builds, hardware, models, patches, serve, source, tune
+from velollm_patch import __version__, builds, hardware, models, patches, serve, source, terminal, tune
 from velollm_patch.build import GPU_CHOICES, BuildOptions, ProgressCallback, plan_build, run_build
-from velollm_patch.errors import VelollmError
+from velollm_patch.errors import VelollmError, plain
 from velollm_patch.model import inspect_model
 from velollm_patch.paths import get_paths
 
-console = Console(stderr=True)
+console = terminal.stderr
 P = ParamSpec("P")
+# An error names what the user gave (a path can be PATH_MAX long) and quotes files only in short excerpts;
+# this bound is the last guard that one line stays one readable line.
+_ERROR_LIMIT = 8192
 R = TypeVar("R")
 
 
@@ -39,14 +41,19 @@ class VelollmGroup(click.Group):
         try:
             return super().invoke(ctx)
         except VelollmError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            console.print(terminal.labelled("error:", "red", plain(str(exc), _ERROR_LIMIT)))
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            console.print("interrupted; nothing was left half-done", highlight=False)
-            ctx.exit(143 if _terminated else 130)
+            console.print("interrupted; nothing was left half-done")
+            ctx.exit(_interrupted_exit_code())
 
 
 _terminated = False
+
+
+def _interrupted_exit_code() -> int:
+    # What a shell reports for a process ended by SIGINT (Ctrl-C) or SIGTERM (`kill`): 128 + the signal.
+    return 143 if _terminated else 130
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -221,14 +228,14 @@ def build(
                 click.echo(line)
         return
     for line in plan.describe():
-        console.print(line, highlight=False)
+        console.print(line)
     installed = _run_with_progress(lambda progress: run_build(plan, hw, paths, on_progress=progress))
     click.echo(f"installed {installed.build_id} at {installed.directory}")
 
 
 def _run_with_progress(job: Callable[[ProgressCallback], builds.InstalledBuild]) -> builds.InstalledBuild:
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        terminal.plain_column("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=False,
     ) as progress:
         task = progress.add_task("starting", total=None)
@@ -324,7 +331,7 @@ def up(model: str | None, port: int, gpu: str) -> None:
         options = BuildOptions(gpu=gpu, wait=3600)
         plan = plan_build(options, hw, paths)
         for line in plan.describe():
-            console.print(line, highlight=False)
+            console.print(line)
         current = _run_with_progress(lambda progress: run_build(plan, hw, paths, on_progress=progress))
     model_path = models.resolve(paths, model)
     tuned = tune.plan(inspect_model(model_path), hw, tune.BuildFacts.from_build(current, paths), tune.TuneRequest())
@@ -332,14 +339,15 @@ def up(model: str | None, port: int, gpu: str) -> None:
 
 
 def _serve_plan(plan: tune.Plan, build: builds.InstalledBuild, port: int, log_file: Path) -> None:
-    """Run ``plan`` under the supervisor until Ctrl-C or SIGTERM (exit 0), or until it cannot stay up."""
+    """Run ``plan`` under the supervisor until Ctrl-C or SIGTERM (exit 130 or 143, as every command), or until it
+    cannot stay up."""
     for line in plan.describe():
-        console.print(line, highlight=False)
+        console.print(line)
     config = serve.ServerConfig(
         binary=build.bin("llama-server"), model=plan.model.path, args=plan.args, port=port, log_file=log_file,
     )
-    console.print(f"starting llama-server ({build.build_id}) on {plan.model.path.name} …", highlight=False)
-    supervisor = serve.Supervisor(config, on_event=lambda message: console.print(message, highlight=False))
+    console.print(f"starting llama-server ({build.build_id}) on {plan.model.path.name} …")
+    supervisor = serve.Supervisor(config, on_event=lambda message: console.print(message))
     try:
         server = supervisor.start()
         click.echo(f"serving {plan.model.path.name} at {supervisor.url}  (log: {server.log_file})")
@@ -351,12 +359,12 @@ def _serve_plan(plan: tune.Plan, build: builds.InstalledBuild, port: int, log_fi
         rss = server.rss_bytes()
         console.print(
             f"memory: planned {plan.memory.total_bytes / 2**20:.0f} MiB, measured RSS after warm-up "
-            f"{rss / 2**20:.0f} MiB; press Ctrl-C to stop",
-            highlight=False,
+            f"{rss / 2**20:.0f} MiB; press Ctrl-C to stop"
         )
         supervisor.run()
     except KeyboardInterrupt:
         click.echo("stopped", err=True)
+        raise click.exceptions.Exit(_interrupted_exit_code()) from None
     finally:
         supervisor.stop()
 

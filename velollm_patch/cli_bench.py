@@ -15,13 +15,20 @@ from typing import Any
 
 import click
 from rich import progress as rich_progress
-from rich.console import Console
 from rich.table import Table
 
-from velollm_patch import hardware, models, tune
+from velollm_patch import hardware, models, terminal, tune
 from velollm_patch.bench import history
 from velollm_patch.bench.metrics import RequestSample, ScenarioResult
-from velollm_patch.bench.report import REPORT_NAME, compare_markdown, format_ratio, format_value, verdict, write_report
+from velollm_patch.bench.report import (
+    REPORT_NAME,
+    charts_missing,
+    compare_markdown,
+    format_ratio,
+    format_value,
+    verdict,
+    write_report,
+)
 from velollm_patch.bench.runner import (
     ABResult,
     BenchConfig,
@@ -39,7 +46,7 @@ from velollm_patch.builds import find_build
 from velollm_patch.errors import VelollmError
 from velollm_patch.paths import get_paths
 
-console = Console(stderr=True)
+console = terminal.stderr
 
 RESULT_NAME = "result.json"
 # --quick: every scenario, small enough to finish in a minute or two on a laptop CPU.
@@ -70,19 +77,19 @@ class RichProgress(Progress):
 
     def scenario_finished(self, result: ScenarioResult) -> None:
         if self._task is not None:
-            mark = {"ok": "[green]✓[/green]", "skipped": "[yellow]skipped[/yellow]"}.get(result.status)
-            self._display.update(self._task, description=f"{self._label} {mark or f'[red]{result.status}[/red]'}")
+            mark = "✓" if result.status == "ok" else result.status
+            self._display.update(self._task, description=f"{self._label} {mark}")
             self._display.stop_task(self._task)
         self._task = None
 
     def note(self, text: str) -> None:
-        self._display.console.print(text, highlight=False)
+        self._display.console.print(text)
 
 
 def _display() -> rich_progress.Progress:
     return rich_progress.Progress(
-        rich_progress.TextColumn("{task.description}"), rich_progress.BarColumn(),
-        rich_progress.MofNCompleteColumn(), rich_progress.TextColumn("{task.fields[rate]}"),
+        terminal.plain_column("{task.description}"), rich_progress.BarColumn(),
+        rich_progress.MofNCompleteColumn(), terminal.plain_column("{task.fields[rate]}"),
         rich_progress.TimeElapsedColumn(), console=console,
     )
 
@@ -161,7 +168,7 @@ def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--quick", is_flag=True, help="A short run: 1 repeat, 32 tokens, 1-2 clients, up to 4K context."),
         click.option("--out", type=click.Path(path_type=Path), help="Directory for the result (default: under the "
                                                                      "bench directory, one per run)."),
-        click.option("--no-charts", is_flag=True, help="Skip the PNG charts."),
+        click.option("--no-charts", is_flag=True, help="Skip the PNG charts (drawn where matplotlib is installed)."),
         click.option("--json", "as_json", is_flag=True, help="Print the result JSON on stdout."),
     ]
     for option in reversed(options):
@@ -175,7 +182,9 @@ def _save(result: RunResult | ABResult, out: Path | None, charts: bool) -> Path:
     json_path = save_result(result, directory / RESULT_NAME)
     files = write_report(result, directory, charts=charts)
     history.record(paths.bench / history.DB_NAME, history.entry_for(result, json_path))
-    console.print(f"saved {json_path} and {', '.join(f.name for f in files)}", highlight=False)
+    console.print(f"saved {json_path} and {', '.join(f.name for f in files)}")
+    if charts and (missing := charts_missing()):
+        console.print(missing)
     return json_path
 
 
@@ -187,10 +196,10 @@ def _finish(result: RunResult | ABResult, as_json: bool) -> None:
     else:
         _print_ratios(result)
     if result.status == "interrupted":
-        console.print("interrupted: the results measured so far are saved", highlight=False)
+        console.print("interrupted: the results measured so far are saved")
         sys.exit(130)
     if result.status != "complete":
-        console.print(f"[yellow]status {result.status}[/yellow]: see the report for what failed", highlight=False)
+        console.print(terminal.labelled(f"status {result.status}:", "yellow", "see the report for what failed"))
         sys.exit(1)
 
 
@@ -209,7 +218,7 @@ def _print_run(run: RunResult) -> None:
                     "decode_tps", "prompt_tps", "ttft_s", "latency_p50_s", "aggregate_tps", "peak_rss_bytes",
                     "kv_committed_bytes")),
             )
-    Console().print(table)
+    terminal.stdout.print(table)
 
 
 def _print_ratios(ab: ABResult) -> None:
@@ -220,9 +229,9 @@ def _print_ratios(ab: ABResult) -> None:
         point, _, metric = ratio.key.rpartition(".")
         table.add_row(point, metric, format_value(metric, ratio.a_median), format_value(metric, ratio.b_median),
                       format_ratio(ratio), verdict(ratio))
-    Console().print(table)
+    terminal.stdout.print(table)
     if ab.error:
-        console.print(f"[red]stopped:[/red] {ab.error}", highlight=False, soft_wrap=True)
+        console.print(terminal.labelled("stopped:", "red", ab.error))
 
 
 def _hardware() -> dict[str, Any]:
@@ -329,14 +338,14 @@ def bench_history(limit: int, as_json: bool) -> None:
         click.echo(json.dumps([e.to_dict() for e in found], indent=2))
         return
     if not found:
-        console.print("no bench runs yet: try `velollm-patch bench run patched --quick`", highlight=False)
+        console.print("no bench runs yet: try `velollm-patch bench run patched --quick`")
         return
     table = Table()
     for column in ("id", "kind", "target", "model", "status", "summary", "result"):
         table.add_column(column)
     for entry in found:
         table.add_row(entry.id, entry.kind, entry.target, entry.model, entry.status, entry.summary, entry.path)
-    Console().print(table)
+    terminal.stdout.print(table)
 
 
 @bench.command("report")
@@ -351,4 +360,4 @@ def bench_report(result_file: Path, out: Path | None, no_charts: bool) -> None:
     for path in files:
         click.echo(path)
     if not no_charts and len(files) == 1:
-        console.print(f"no charts: {REPORT_NAME} only (the result has nothing to plot)", highlight=False)
+        console.print(charts_missing() or f"no charts: {REPORT_NAME} only (the result has nothing to plot)")

@@ -33,7 +33,7 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
-from velollm_patch.errors import VelollmError
+from velollm_patch.errors import VelollmError, plain
 
 log = logging.getLogger("velollm_patch.model")
 
@@ -43,6 +43,12 @@ _MAX_STRING_LENGTH = 1 << 30
 _MAX_ARRAY_ELEMENTS = 1 << 30
 _MAX_DIMS = 4
 _MAX_TENSOR_NAME = 64
+# Ours, not llama.cpp's (it reads keys up to _MAX_STRING_LENGTH): real keys are dotted identifiers of a few
+# dozen bytes, so a longer one is a corrupt length field, refused before its bytes are copied.
+_MAX_KEY_LENGTH = 1 << 16
+# llama.cpp's architecture names (LLM_ARCH_NAMES in src/llama-arch.cpp) are short lowercase words; the name
+# prefixes the keys read below and is shown by `inspect`, so a garbled one is refused here.
+_ARCH_NAME = re.compile(r"[a-z0-9][a-z0-9._+-]{0,63}")
 _MAX_LAYERS = 512
 _SUPPORTED_VERSIONS = (2, 3)
 _DEFAULT_ALIGNMENT = 32
@@ -166,6 +172,10 @@ _BPE_PRE_FORCE_BOS = frozenset({"gemma4", "granite-embed-multi-311m"})
 # --------------------------------------------------------------------------------------------
 
 
+# Details name keys and tensors through plain(), so they stay short; this caps the rest of the sentence.
+_DETAIL_LIMIT = 400
+
+
 class _FormatError(Exception):
     """A structural problem; ``predicate`` completes "<path> ..." in the user-facing message."""
 
@@ -173,7 +183,7 @@ class _FormatError(Exception):
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
-        self.detail = _printable(detail)
+        self.detail = plain(detail, _DETAIL_LIMIT)
 
 
 class _Truncated(_FormatError):
@@ -262,19 +272,14 @@ class _Reader:
             )
         return n
 
-    def string(self, what: str) -> bytes:
+    def string(self, what: str, limit: int = _MAX_STRING_LENGTH) -> bytes:
         n = self.u64(f"{what} length")
-        if n > _MAX_STRING_LENGTH:
-            raise _FormatError(f"{what} declares a length of {n} bytes")
+        if n > limit:
+            raise _FormatError(f"{what} declares a length of {n} bytes (at most {limit} are allowed)")
         self.need(n, what)
         data = self.buf[self.pos : self.pos + n]
         self.pos += n
         return data
-
-
-def _printable(text: str) -> str:
-    """``text`` with control characters escaped, so names read from a file keep messages on one line."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _text(data: bytes) -> str:
@@ -290,6 +295,7 @@ def _type_name(vtype: int) -> str:
 
 
 def _read_value(r: _Reader, vtype: int, key: str) -> _Value:
+    """The value of type ``vtype`` at the reader's position; ``key`` (already through plain()) names it in errors."""
     if vtype == GGUFValueType.STRING:
         return _text(r.string(f"value of '{key}'"))
     fmt = _SCALAR_FORMATS.get(vtype)
@@ -335,10 +341,7 @@ def _parse_tensor_infos(r: _Reader, declared: int) -> list[_Tensor]:
     tensors: list[_Tensor] = []
     seen: set[str] = set()
     for i in range(n_tensors):
-        raw_name = r.string(f"name of tensor {i}")
-        name = _text(raw_name)
-        if len(raw_name) >= _MAX_TENSOR_NAME:
-            raise _FormatError(f"tensor {i} has a {len(raw_name)}-byte name (llama.cpp allows {_MAX_TENSOR_NAME - 1})")
+        name = _text(r.string(f"name of tensor {i}", _MAX_TENSOR_NAME - 1))
         if name in seen:
             raise _FormatError(f"tensor '{name}' appears twice")
         seen.add(name)
@@ -394,13 +397,14 @@ def _parse_header(buf: mmap.mmap, file_size: int, mtime_ns: int) -> _Header:
     n_kv = r.count("key-value list", 13)
     fields: dict[str, _Value] = {}
     for i in range(n_kv):
-        key = _text(r.string(f"key {i}"))
+        key = _text(r.string(f"key {i}", _MAX_KEY_LENGTH))
         if not key:
             raise _FormatError(f"key {i} is empty")
+        shown = plain(key)
         if key in fields:
-            raise _FormatError(f"key '{key}' appears twice")
-        vtype = r.u32(f"type of '{key}'")
-        fields[key] = _read_value(r, vtype, key)
+            raise _FormatError(f"key '{shown}' appears twice")
+        vtype = r.u32(f"type of '{shown}'")
+        fields[key] = _read_value(r, vtype, shown)
     tensors = _parse_tensor_infos(r, n_tensors)
     alignment = fields.get("general.alignment", _DEFAULT_ALIGNMENT)
     if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0:
@@ -464,18 +468,18 @@ class _Meta:
     def _wrong(self, key: str, expected: str) -> _FormatError:
         value = self.fields[key]
         got = "array" if isinstance(value, tuple | _ArrayRef) else type(value).__name__
-        return _FormatError(f"key '{key}' is {got}, expected {expected}")
+        return _FormatError(f"key '{plain(key)}' is {got}, expected {expected}")
 
     def uint(self, key: str, default: int | None = None) -> int:
         value = self.fields.get(key)
         if value is None:
             if default is None:
-                raise _FormatError(f"required key '{key}' is missing")
+                raise _FormatError(f"required key '{plain(key)}' is missing")
             return default
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._wrong(key, "an integer")
         if value < 0:
-            raise _FormatError(f"key '{key}' is negative ({value})")
+            raise _FormatError(f"key '{plain(key)}' is negative ({value})")
         return value
 
     def per_layer(self, key: str, n_layers: int, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -484,7 +488,7 @@ class _Meta:
         if not isinstance(value, tuple):
             return (self.uint(key),) * n_layers if value is not None else default
         if len(value) != n_layers:
-            raise _FormatError(f"key '{key}' has {len(value)} entries for {n_layers} layers")
+            raise _FormatError(f"key '{plain(key)}' has {len(value)} entries for {n_layers} layers")
         if any(isinstance(v, bool | float) or v < 0 for v in value):
             raise self._wrong(key, "non-negative integers")
         return tuple(int(v) for v in value)
@@ -878,12 +882,14 @@ def _build_info(path: Path, header: _Header) -> ModelInfo:
     arch = meta.string("general.architecture")
     if arch is None:
         raise VelollmError(f"{path} has no general.architecture; it is not a model GGUF")
+    if not _ARCH_NAME.fullmatch(arch):
+        raise _FormatError(f"general.architecture '{plain(arch)}' is not an architecture name")
     kind = meta.string("general.type")
     if kind not in (None, "model"):
-        raise VelollmError(f"{path} is a GGUF {_printable(kind)}, not a model")
+        raise VelollmError(f"{path} is a GGUF {plain(kind)}, not a model")
     n_layers = meta.uint(f"{arch}.block_count")
     if n_layers > _MAX_LAYERS:
-        raise _FormatError(f"{arch}.block_count is {n_layers} (llama.cpp allows at most {_MAX_LAYERS})")
+        raise _FormatError(f"{plain(arch)}.block_count is {n_layers} (llama.cpp allows at most {_MAX_LAYERS})")
     n_embd = meta.uint(f"{arch}.embedding_length")
     heads = meta.per_layer(f"{arch}.attention.head_count", n_layers, (0,) * n_layers)
     n_head_kv = meta.per_layer(f"{arch}.attention.head_count_kv", n_layers, heads)
@@ -903,7 +909,7 @@ def _build_info(path: Path, header: _Header) -> ModelInfo:
         file_size=header.file_size,
         gguf_version=header.version,
         architecture=arch,
-        name=_printable(meta.string("general.name") or path.name),
+        name=plain(meta.string("general.name") or path.name),
         n_params=sum(t.n_elements for t in header.tensors),
         tensor_bytes=sum(t.n_bytes for t in header.tensors),
         file_type=None if file_type is None else _file_type_name(meta.uint("general.file_type")),
@@ -1155,11 +1161,11 @@ def draft_compatibility(target: ModelInfo | Path, draft: ModelInfo | Path) -> Co
         return Compat(False, f"the {which} model has no tokenizer")
     for v, which in ((tv, "target"), (dv, "draft")):
         if v.type == "unknown":
-            return Compat(False, f"llama.cpp does not know the {which} tokenizer {_printable(repr(v.model))}")
+            return Compat(False, f"llama.cpp does not know the {which} tokenizer {plain(repr(v.model))}")
     if tv.type != dv.type:
         return Compat(
             False,
-            f"vocab types differ: target {tv.type} ({_printable(tv.model)}), draft {dv.type} ({_printable(dv.model)})",
+            f"vocab types differ: target {tv.type} ({plain(tv.model)}), draft {dv.type} ({plain(dv.model)})",
         )
     if tv.add_bos != dv.add_bos or (tv.add_bos and tv.bos_id != dv.bos_id):
         return Compat(

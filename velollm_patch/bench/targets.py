@@ -32,7 +32,7 @@ from velollm_patch import serve
 from velollm_patch.bench.metrics import RequestSample
 from velollm_patch.bench.scenarios import Prompt, render_transcript
 from velollm_patch.builds import InstalledBuild, find_build
-from velollm_patch.errors import VelollmError
+from velollm_patch.errors import VelollmError, one_line
 from velollm_patch.ollama.api import OllamaClient
 from velollm_patch.paths import Paths
 from velollm_patch.proc import format_command
@@ -160,10 +160,6 @@ class Target(ABC):
         self.stop()
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _chat_body(prompt: Prompt, n_predict: int, seed: int, *, model: str | None, llama_server: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
         "messages": [m.to_dict() for m in prompt],
@@ -199,7 +195,7 @@ def stream_chat(http: httpx.Client, url: str, body: Mapping[str, Any], timeout: 
         if response.status_code != 200:
             response.read()
             raise VelollmError(
-                f"{url} answered HTTP {response.status_code} to /v1/chat/completions: {_one_line(response.text)[:300]}"
+                f"{url} answered HTTP {response.status_code} to /v1/chat/completions: {one_line(response.text)}"
             )
         for line in response.iter_lines():
             if not line.startswith("data:"):
@@ -212,7 +208,7 @@ def stream_chat(http: httpx.Client, url: str, body: Mapping[str, Any], timeout: 
             except ValueError as exc:
                 raise VelollmError(f"{url} sent a stream chunk that is not JSON: {data[:80]!r}") from exc
             if chunk.get("error"):
-                raise VelollmError(f"{url} failed the request: {_one_line(json.dumps(chunk['error']))[:300]}")
+                raise VelollmError(f"{url} failed the request: {one_line(json.dumps(chunk['error']))}")
             for choice in chunk.get("choices") or ():
                 delta = choice.get("delta") or {}
                 if delta.get("content") or delta.get("reasoning_content"):
@@ -282,7 +278,7 @@ class _ChatTarget(Target):
             raise self._request_failed(exc) from exc
 
     def _request_failed(self, exc: httpx.HTTPError) -> VelollmError:
-        return VelollmError(f"request to {self._url} failed: {_one_line(str(exc)) or type(exc).__name__}")
+        return VelollmError(f"request to {self._url} failed: {one_line(str(exc)) or type(exc).__name__}")
 
     def server_metrics(self) -> dict[str, float]:
         if not self._llama_server:
@@ -399,7 +395,7 @@ class UrlTarget(_ChatTarget):
                 self._probe_openai()
         except httpx.HTTPError as exc:
             raise VelollmError(
-                f"cannot reach {self._url} ({_one_line(str(exc)) or type(exc).__name__}): is the server running?"
+                f"cannot reach {self._url} ({one_line(str(exc)) or type(exc).__name__}): is the server running?"
             ) from None
         self._pids = listening_pids(self._url)
 

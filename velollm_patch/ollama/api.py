@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from velollm_patch.errors import VelollmError
+from velollm_patch.errors import VelollmError, one_line
 from velollm_patch.ollama.gosyntax import parse_duration
 
 DEFAULT_HOST = "127.0.0.1"
@@ -263,10 +263,6 @@ class GenerateResult:
     metrics: GenerateMetrics
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 class OllamaClient:
     """Talks to one Ollama server. Use as a context manager, or call :meth:`close`."""
 
@@ -300,12 +296,12 @@ class OllamaClient:
     def _fail(self, path: str, exc: httpx.HTTPError) -> VelollmError:
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return VelollmError(
-                f"Ollama is not reachable at {self.base_url} ({_one_line(str(exc)) or 'connection failed'}):"
+                f"Ollama is not reachable at {self.base_url} ({one_line(str(exc)) or 'connection failed'}):"
                 " start it with `ollama serve` or point OLLAMA_HOST at it"
             )
         if isinstance(exc, httpx.TimeoutException):
             return VelollmError(f"Ollama at {self.base_url} did not answer {path} in time")
-        return VelollmError(f"request to Ollama at {self.base_url}{path} failed: {_one_line(str(exc))}")
+        return VelollmError(f"request to Ollama at {self.base_url}{path} failed: {one_line(str(exc))}")
 
     def _check(self, path: str, response: httpx.Response, model: str | None = None) -> None:
         if response.status_code < 400:
@@ -314,7 +310,7 @@ class OllamaClient:
             message = str(response.json().get("error") or "")
         except (ValueError, AttributeError):
             message = response.text
-        message = _one_line(message) or response.reason_phrase
+        message = one_line(message) or response.reason_phrase
         if response.status_code == 404 and model is not None:
             raise VelollmError(
                 f"Ollama at {self.base_url} does not have model '{model}' ({message}):"
@@ -391,7 +387,7 @@ class OllamaClient:
             except ValueError as exc:
                 raise VelollmError(f"Ollama /api/generate sent a line that is not JSON: {line[:80]!r}") from exc
             if chunk.get("error"):
-                raise VelollmError(f"Ollama /api/generate failed: {_one_line(str(chunk['error']))}")
+                raise VelollmError(f"Ollama /api/generate failed: {one_line(str(chunk['error']))}")
             text = str(chunk.get("response") or "")
             if text:
                 pieces.append(text)
