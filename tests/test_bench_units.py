@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tests.helpers import request_sample, run_result
 from velollm_patch import serve
 from velollm_patch.bench import history
 from velollm_patch.bench.metrics import (
     PointResult,
     RatioStats,
-    RequestSample,
-    ScenarioResult,
     geometric_means,
     metric_total,
     percentile,
@@ -33,7 +32,7 @@ from velollm_patch.bench.runner import (
     save_result,
 )
 from velollm_patch.bench.scenarios import SCENARIO_NAMES, load_scenario, parse_names, render_transcript
-from velollm_patch.bench.targets import TargetInfo, parse_target
+from velollm_patch.bench.targets import parse_target
 from velollm_patch.cli import main
 from velollm_patch.errors import VelollmError
 
@@ -56,20 +55,11 @@ def test_summarize_ignores_unmeasured_values() -> None:
     assert summarize([None, None]) is None
 
 
-def _sample(decode: float, latency: float = 1.0, *, drafted: int | None = None, accepted: int | None = None,
-            prompt_tokens: int = 100, completion: int = 50) -> RequestSample:
-    return RequestSample(
-        prompt_tokens=prompt_tokens, completion_tokens=completion, latency_s=latency, ttft_s=latency / 10,
-        decode_tps=decode, prompt_tps=decode * 10, timing_source="server", draft_tokens=drafted,
-        draft_accepted=accepted,
-    )
-
-
 def test_point_headline_uses_medians_percentiles_and_aggregate() -> None:
     point = PointResult(
         label="", param=None, wall_s=4.0, peak_rss_bytes=300, kv_committed_bytes=None,
-        samples=(_sample(10, 1.0, drafted=10, accepted=5), _sample(30, 3.0, drafted=10, accepted=9),
-                 _sample(20, 2.0)),
+        samples=(request_sample(10, 1.0, drafted=10, accepted=5), request_sample(30, 3.0, drafted=10, accepted=9),
+                 request_sample(20, 2.0)),
     )
     head = point.headline()
     assert head["decode_tps"] == 20
@@ -164,29 +154,8 @@ def test_target_parsing() -> None:
         parse_target("http://127.0.0.1:8080", server_args=["-c", "4096"])
 
 
-def _run(label: str, decode: float, *, run_id: str = "r1") -> RunResult:
-    info = TargetInfo(kind="build", spec=label, label=label, api="llama-server", model="/m/SmolLM2.gguf",
-                      model_bytes=100 * 1024**2, n_ctx=8192, slots=4, build={"build_id": f"{label}-1", "patches": []})
-    scenarios = [
-        ScenarioResult("short", "Short completion", points=[
-            PointResult("", None, (_sample(decode, 0.5), _sample(decode * 1.1, 0.6)), 1.1, 200 * 1024**2)]),
-        ScenarioResult("concurrency", "Concurrent users", points=[
-            PointResult("1", 1, (_sample(decode, 0.5),), 0.5, 210 * 1024**2),
-            PointResult("2", 2, (_sample(decode, 0.7), _sample(decode, 0.8)), 0.8, 220 * 1024**2)]),
-        ScenarioResult("context_fill", "Context fill", points=[
-            PointResult("1024", 1024, (_sample(decode, 1, prompt_tokens=1000),), 1, 230 * 1024**2, None, 64 * 1024**2),
-            PointResult("4096", 4096, (_sample(decode, 2, prompt_tokens=4000),), 2, 260 * 1024**2, None, 96 * 1024**2),
-        ]),
-        ScenarioResult("code_edit", "Code edit", status="failed",
-                       error="llama-server exited with code -9 during the request; last log lines:\nboom"),
-    ]
-    return RunResult(id=run_id, created="2026-11-23T10:00:00+0000", target=info, hardware={},
-                     config=BenchConfig(repeats=2), scenarios=scenarios, status="partial", duration_s=12.0,
-                     events=["llama-server had exited with code -9; restarted it"])
-
-
 def test_run_result_round_trips_through_json(tmp_path: Path) -> None:
-    run = _run("patched", 100.0)
+    run = run_result("patched", 100.0)
     path = save_result(run, tmp_path / "out" / "result.json")
     data = json.loads(path.read_text())
     assert data["schema"] == "velollm-bench-run/1"
@@ -199,8 +168,8 @@ def test_run_result_round_trips_through_json(tmp_path: Path) -> None:
 
 
 def _ab() -> ABResult:
-    rounds = [ABRound("AB", _run("vanilla", 100.0, run_id="a1"), _run("patched", 110.0, run_id="b1")),
-              ABRound("BA", _run("vanilla", 90.0, run_id="a2"), _run("patched", 95.0, run_id="b2"))]
+    rounds = [ABRound("AB", run_result("vanilla", 100.0, run_id="a1"), run_result("patched", 110.0, run_id="b1")),
+              ABRound("BA", run_result("vanilla", 90.0, run_id="a2"), run_result("patched", 95.0, run_id="b2"))]
     assert rounds[0].a is not None and rounds[0].b is not None
     return ABResult(id="ab1", created="2026-11-23T11:00:00+0000", a=rounds[0].a.target, b=rounds[0].b.target,
                     hardware={}, config=BenchConfig(repeats=2), rounds_planned=2, rounds=rounds, status="partial")
@@ -249,8 +218,8 @@ def test_load_result_rejects_other_files(tmp_path: Path) -> None:
 def test_history_records_and_lists_newest_first(tmp_path: Path) -> None:
     db = tmp_path / "bench" / history.DB_NAME
     assert history.entries(db) == []
-    older = _run("vanilla", 100.0, run_id="20261123-100000-vanilla")
-    newer = _run("patched", 120.0, run_id="20261123-110000-patched")
+    older = run_result("vanilla", 100.0, run_id="20261123-100000-vanilla")
+    newer = run_result("patched", 120.0, run_id="20261123-110000-patched")
     newer.created = "2026-11-23T11:00:00+0000"
     history.record(db, history.entry_for(older, tmp_path / "a.json"))
     history.record(db, history.entry_for(newer, tmp_path / "b.json"))
@@ -280,7 +249,7 @@ def _assert_png(path: Path) -> None:
 
 
 def test_run_report_and_charts(tmp_path: Path) -> None:
-    files = write_report(_run("patched", 100.0), tmp_path)
+    files = write_report(run_result("patched", 100.0), tmp_path)
     names = sorted(f.name for f in files)
     assert names == ["concurrency.png", "latency.png", "memory_vs_context.png", "report.md", "tokens_per_s.png"]
     for path in files:
@@ -301,11 +270,11 @@ def test_ab_charts_and_markdown_without_charts(tmp_path: Path) -> None:
             _assert_png(path)
     only = write_report(_ab(), tmp_path / "plain", charts=False)
     assert [f.name for f in only] == ["report.md"]
-    assert "## Charts" not in run_markdown(_run("x", 1.0))
+    assert "## Charts" not in run_markdown(run_result("x", 1.0))
 
 
 def test_compare_lines_up_shared_metrics() -> None:
-    old, new = _run("vanilla", 100.0), _run("patched", 125.0)
+    old, new = run_result("vanilla", 100.0), run_result("patched", 125.0)
     ratios = {r.key: r for r in compare(old, new)}
     assert ratios["short.decode_tps"].stats.median == pytest.approx(1.25)
     assert ratios["concurrency@2.latency_p50_s"].stats.median == pytest.approx(1.0)
@@ -314,8 +283,8 @@ def test_compare_lines_up_shared_metrics() -> None:
 
 def test_cli_compare_history_and_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VELOLLM_HOME", str(tmp_path / "home"))
-    old = save_result(_run("vanilla", 100.0), tmp_path / "old.json")
-    new = save_result(_run("patched", 120.0), tmp_path / "new" / "result.json")
+    old = save_result(run_result("vanilla", 100.0), tmp_path / "old.json")
+    new = save_result(run_result("patched", 120.0), tmp_path / "new" / "result.json")
     runner = CliRunner()
     result = runner.invoke(main, ["bench", "compare", str(old), str(new), "--json"])
     assert result.exit_code == 0, result.output

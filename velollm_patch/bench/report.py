@@ -4,20 +4,17 @@ Charts are what a person looks at first: tokens/s per scenario, the latency dist
 as the context grows, and throughput under concurrency. For a single run the whiskers span the
 individual requests; for an A/B they span the rounds (one median per round), which is the spread
 that matters when deciding whether B is really faster.
+
+Charts are optional: matplotlib comes with the ``bench`` extra, not with the base install, so it is
+imported only when a chart is drawn, and a report without it says how to get them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI, and no GUI toolkit to import
-
-import matplotlib.pyplot as plt  # after use(): the backend is fixed when pyplot loads
-from matplotlib import ticker
 
 from velollm_patch.bench.metrics import METRICS, PointResult, RatioStats, geometric_means, percentile, split_key
 from velollm_patch.bench.runner import ABResult, RunResult
@@ -234,6 +231,22 @@ def compare_markdown(old: RunResult, new: RunResult, ratios: Sequence[RatioStats
 # --- charts --------------------------------------------------------------------------------------
 
 
+def charts_missing() -> str | None:
+    """Why this installation draws no charts, or None when it can."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "no charts: they need matplotlib (pip install matplotlib, or install velollm-patch with its bench extra)"
+    return None
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI, and no GUI toolkit to import
+    import matplotlib.pyplot as plt  # after use(): the backend is fixed when pyplot loads
+
+    return plt
+
+
 def _point(run: RunResult, scenario: str, label: str) -> PointResult | None:
     found = run.scenario(scenario)
     if found is None:
@@ -275,7 +288,7 @@ def chart_tokens(series: Series, path: Path) -> Path | None:
     scenarios = _single_scenarios(series)
     if not scenarios:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / max(1, len(series))
     for ax, metric, title in ((axes[0], "decode_tps", "decode tokens/s"), (axes[1], "prompt_tps", "prompt tokens/s")):
         for index, (label, runs) in enumerate(series.items()):
@@ -312,7 +325,9 @@ def chart_latency(series: Series, path: Path) -> Path | None:
                         groups.append((result.name, point.label, tick))
     if not groups:
         return None
-    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(groups) * max(1, len(series))), 4.5))
+    from matplotlib import ticker
+
+    fig, ax = _pyplot().subplots(figsize=(max(7, 1.3 * len(groups) * max(1, len(series))), 4.5))
     width = 0.8 / max(1, len(series))
     handles = []
     for index, (label, runs) in enumerate(series.items()):
@@ -367,7 +382,7 @@ def chart_memory(series: Series, path: Path) -> Path | None:
     }
     if not any(rss or kv for rss, kv in curves.values()):
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(8, 4.5))
     for index, (label, (rss, kv)) in enumerate(curves.items()):
         if rss:
             ax.plot([x for x, _ in rss], [y / MiB for _, y in rss], "o-", color=f"C{index}", label=f"{label}: peak RSS")
@@ -389,7 +404,7 @@ def chart_concurrency(series: Series, path: Path) -> Path | None:
               for label, runs in series.items()}
     if not any(tps for tps, _ in curves.values()):
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(11, 4.2))
     for index, (label, (tps, latency)) in enumerate(curves.items()):
         left.plot([x for x, _ in tps], [y for _, y in tps], "o-", color=f"C{index}", label=label)
         right.plot([x for x, _ in latency], [y for _, y in latency], "o-", color=f"C{index}", label=label)
@@ -409,7 +424,7 @@ def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=CHART_DPI)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -433,9 +448,9 @@ def series_of(result: RunResult | ABResult) -> dict[str, list[RunResult]]:
 
 
 def write_report(result: RunResult | ABResult, out_dir: Path, *, charts: bool = True) -> list[Path]:
-    """report.md and the charts in ``out_dir``; returns the files written."""
+    """report.md and, where matplotlib is installed, the charts in ``out_dir``; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = write_charts(series_of(result), out_dir) if charts else []
+    images = write_charts(series_of(result), out_dir) if charts and charts_missing() is None else []
     text = run_markdown(result, images) if isinstance(result, RunResult) else ab_markdown(result, images)
     report = out_dir / REPORT_NAME
     report.write_text(text, encoding="utf-8")
