@@ -25,7 +25,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import partial
@@ -352,14 +352,15 @@ def _systemd_pieces(text: str) -> Iterable[_Piece]:
 _ENV_LINE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)")
 
 
-def _env_pieces(text: str) -> Iterable[_Piece]:
-    """``KEY=VALUE`` lines; anything else (comments, blank lines) is kept as it is."""
+def _assignment_lines(text: str, pattern: re.Pattern[str], unquote: Callable[[str], str]) -> Iterable[_Piece]:
+    """Lines that ``pattern`` reads as one assignment (its groups: name, value, each passed through
+    ``unquote``); anything else (comments, blank lines, the user's own commands) is kept as it is."""
     for line in _lines(text):
-        match = _ENV_LINE.fullmatch(line.strip())
+        match = pattern.fullmatch(line.strip())
         if match is None:
             yield _Piece(line)
         else:
-            yield _Piece(line, (_Word(match[1], match[2].strip(), line.strip()),), anchor=True)
+            yield _Piece(line, (_Word(unquote(match[1]), unquote(match[2]), line.strip()),), anchor=True)
 
 
 # A PowerShell string literal: 'single quoted' ('' is a quote), or "double quoted" without the
@@ -373,16 +374,6 @@ _PS_LINE = re.compile(rf"\[(?:System\.)?Environment\]::SetEnvironmentVariable\(\
 
 def _ps_unquote(literal: str) -> str:
     return literal[1:-1].replace("''", "'") if literal[0] == "'" else literal[1:-1]
-
-
-def _powershell_pieces(text: str) -> Iterable[_Piece]:
-    for line in _lines(text):
-        match = _PS_LINE.fullmatch(line.strip())
-        if match is None:
-            yield _Piece(line)
-        else:
-            word = _Word(_ps_unquote(match[1]), _ps_unquote(match[2]), line.strip())
-            yield _Piece(line, (word,), anchor=True)
 
 
 # A command of a `sh -c` script up to the next ";" outside quotes.
@@ -430,9 +421,9 @@ def _pieces(fmt: ConfigFormat, text: str, path: Path) -> list[_Piece]:
     if fmt is ConfigFormat.SYSTEMD:
         return list(_systemd_pieces(text))
     if fmt is ConfigFormat.ENV:
-        return list(_env_pieces(text))
+        return list(_assignment_lines(text, _ENV_LINE, str.strip))
     if fmt is ConfigFormat.POWERSHELL:
-        return list(_powershell_pieces(text))
+        return list(_assignment_lines(text, _PS_LINE, _ps_unquote))
     return list(_launchd_pieces(_launchd_script(text, path)[2]))
 
 
