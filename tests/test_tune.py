@@ -777,20 +777,27 @@ def test_q4_1_matrices_repacked_on_avx2(
 ) -> None:
     """Patch cpu-repack-q4-1: on an x86 CPU with AVX2, SmolLM2's Q4_1 matrices go to the CPU_REPACK buffer
     (every one with a multiple of 8 rows), and the model computes the same numbers as with
-    GGML_CPU_REPACK_Q4_1=0: perplexity within 0.5 % (activation rounding and summation order differ; a wrong
-    nibble or a lost minimum moves it by far more)."""
+    GGML_CPU_REPACK_Q4_1=0: measured against the same weights dequantized to F32 (what both kernels approximate,
+    each quantizing the activations to 8 bits), the repacked kernel's mean KL divergence is no more than a quarter
+    above upstream's. A wrong nibble or a lost minimum multiplies it. (Perplexity itself moves either way by about
+    0.5 % with the activations' rounding: on a 2-vCPU AVX2 EPYC, -0.04 % upstream and +0.53 % repacked, at mean KLD
+    0.00283 and 0.00277.)"""
     if CPU_REPACK_Q4_1_PATCH not in real_facts.patches or not live_hardware.cpu.has("avx2"):
         pytest.skip("needs an x86 CPU with AVX2 and a build with the Q4_1 repacking patch")
     q4_1_bytes = smollm2.q4_1_matrix_bytes
     text = _code_edit_text(tmp_path)
+    reference, logits = tmp_path / "dequantized.gguf", tmp_path / "reference.kld"
+    proc.run([str(patched_build.bin("llama-quantize")), "--allow-requantize", str(smollm2.path), str(reference), "F32"])
+    _perplexity(patched_build, reference, {}, "-f", str(text), "--kl-divergence-base", str(logits))
     results = {}
     for repack in ("0", "1"):
-        out = _perplexity(patched_build, smollm2.path, {"GGML_CPU_REPACK_Q4_1": repack}, "-f", str(text))
-        ppl = re.search(r"Final estimate: PPL = ([\d.]+)", out)
-        assert ppl, out[-2000:]
-        results[repack] = (float(ppl.group(1)), _model_buffer_bytes(out, "CPU_REPACK"))
-    (ppl_off, repacked_off), (ppl_on, repacked_on) = results["0"], results["1"]
-    assert abs(ppl_on / ppl_off - 1) < 0.005, results
+        out = _perplexity(patched_build, smollm2.path, {"GGML_CPU_REPACK_Q4_1": repack},
+                          "--kl-divergence-base", str(logits), "--kl-divergence")
+        kld = re.search(r"Mean +KLD: +([\d.]+)", out)
+        assert kld, out[-2000:]
+        results[repack] = (float(kld.group(1)), _model_buffer_bytes(out, "CPU_REPACK"))
+    (kld_off, repacked_off), (kld_on, repacked_on) = results["0"], results["1"]
+    assert kld_on <= 1.25 * kld_off, results
     assert abs(repacked_on - repacked_off - q4_1_bytes) <= MiB, (results, q4_1_bytes / MiB)
 
 
