@@ -23,10 +23,10 @@ from velollm_patch.paths import get_paths
 
 console = terminal.stderr
 P = ParamSpec("P")
+R = TypeVar("R")
 # An error names what the user gave (a path can be PATH_MAX long) and quotes files only in short excerpts;
 # this bound is the last guard that one line stays one readable line.
 _ERROR_LIMIT = 8192
-R = TypeVar("R")
 
 
 def _emit_json(data: Any) -> None:
