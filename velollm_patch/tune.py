@@ -47,7 +47,6 @@ log = logging.getLogger("velollm_patch.tune")
 
 PROFILES = ("speed", "balanced", "quality", "memory")
 WORKLOADS = ("chat", "code", "edit")
-GPU_BACKENDS = ("cuda", "rocm", "metal", "vulkan")
 
 # Patches of our series the planner knows how to use (patches/llama.cpp/<pin>/series.toml names).
 KV_ON_DEMAND_PATCH = "kv-on-demand"
