@@ -25,6 +25,7 @@ from velollm_patch.hardware import (
     Probes,
     Tool,
     Toolchain,
+    VulkanDevice,
 )
 
 DATA = Path(__file__).parent / "data" / "hardware"
@@ -46,7 +47,7 @@ def replay(hw: HardwareInfo) -> Probes:
         nvidia=lambda: [g for g in hw.gpus if g.vendor == "nvidia"],
         amd=lambda: [g for g in hw.gpus if g.vendor == "amd"],
         apple=lambda: [g for g in hw.gpus if g.vendor == "apple"],
-        vulkan=lambda: hw.vulkan,
+        vulkan=lambda: hw.vulkan_devices,
         cpu=lambda: hw.cpu,
         memory=lambda: hw.memory,
         disk_free=lambda _path: hw.disk_free_bytes,
@@ -165,8 +166,28 @@ def nvidia_gpu(index: int = 0, vram: int = 8 * GiB) -> GPUInfo:
 )
 def test_backend_choice(vendors: list[str], vulkan: bool, backend: str) -> None:
     gpus = tuple(GPUInfo(v, i, v, GiB, None) for i, v in enumerate(vendors))
-    hw = dataclasses.replace(load("cpu-2core"), gpus=gpus, vulkan=vulkan)
+    devices = (VulkanDevice(0, "a GPU", "discrete"),) if vulkan else ()
+    hw = dataclasses.replace(load("cpu-2core"), gpus=gpus, vulkan_devices=devices)
     assert hw.backend() == backend
+
+
+def test_a_software_vulkan_device_is_not_a_backend() -> None:
+    # llvmpipe is a real Vulkan device, but slower than the CPU backend: --gpu auto builds for the CPU
+    llvmpipe = VulkanDevice(0, "llvmpipe (LLVM 15.0.6, 256 bits)", "cpu", "1.3.230", "Mesa 22.3.6")
+    hw = dataclasses.replace(load("cpu-2core"), vulkan_devices=(llvmpipe,))
+    assert not hw.vulkan and hw.backend() == "cpu"
+    (line,) = [line for line in hardware.summary_lines(hw) if line.startswith("Vulkan")]
+    assert "llvmpipe" in line and "software, CPU type" in line and "GGML_VK_VISIBLE_DEVICES=0" in line
+
+
+def test_records_from_before_the_vulkan_device_list_still_load() -> None:
+    data = load("rtx3060").to_dict()
+    for name in ("glslc", "glslang", "vulkan_headers", "spirv_headers"):
+        del data["toolchain"][name]
+    del data["vulkan_devices"]
+    old = HardwareInfo.from_dict({**data, "vulkan": True})
+    assert old.vulkan and old.backend() == "cuda" and not old.toolchain.glslc.present
+    assert not HardwareInfo.from_dict({**data, "vulkan": False}).vulkan_devices
 
 
 def test_total_vram_sums_all_gpus() -> None:
@@ -438,25 +459,30 @@ GPU1:
 
 
 def test_vulkan_summary() -> None:
-    assert hardware.vulkan_summary_has_gpu(VULKAN_SUMMARY)
-    cpu_only = VULKAN_SUMMARY.split("GPU1:")[1]
-    assert not hardware.vulkan_summary_has_gpu(cpu_only)
+    gpu, llvmpipe = hardware.parse_vulkan_summary(VULKAN_SUMMARY)
+    assert (gpu.index, gpu.name, gpu.device_type, gpu.is_software) == (0, "NVIDIA GeForce RTX 4090", "discrete", False)
+    assert (llvmpipe.index, llvmpipe.device_type, llvmpipe.is_software) == (1, "cpu", True)
+    assert llvmpipe.name == "llvmpipe (LLVM 17.0.6, 256 bits)"
+    assert hardware.parse_vulkan_summary("Devices:\n========\n") == ()
 
 
 @pytest.mark.parametrize(
     ("icds", "loader", "expected"),
-    [(["nvidia_icd.json"], True, True), (["nvidia_icd.json"], False, False),
-     (["lvp_icd.x86_64.json"], True, False), ([], True, False)],
+    [(["nvidia_icd.json"], True, ["other"]), (["nvidia_icd.json"], False, []),
+     (["lvp_icd.x86_64.json"], True, ["cpu"]), (["lvp_icd.x86_64.json", "nvidia_icd.json"], True, ["other", "cpu"]),
+     ([], True, [])],
 )
 def test_vulkan_without_vulkaninfo(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, icds: list[str], loader: bool, expected: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, icds: list[str], loader: bool, expected: list[str]
 ) -> None:
     for name in icds:
         write(tmp_path / "usr/share/vulkan/icd.d" / name, "{}")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setattr("platform.system", lambda: "Linux")
     monkeypatch.setattr(hardware, "_vulkan_loader_loadable", lambda: loader)
-    assert hardware.probe_vulkan(tmp_path) is expected
+    devices = hardware.probe_vulkan(tmp_path)
+    assert [d.device_type for d in devices] == expected
+    assert [d.index for d in devices] == list(range(len(expected)))
 
 
 # --- CPU ---------------------------------------------------------------------------------------
@@ -621,7 +647,7 @@ def test_detect_with_no_driver_and_no_tools() -> None:
         nvidia=lambda: hardware.probe_nvidia(fake_nvml([H100_DEVICE], init_error=True)),
         amd=list,
         apple=list,
-        vulkan=lambda: False,
+        vulkan=tuple,
         cpu=lambda: CPUInfo("Test CPU", "x86_64", 2, 4, frozenset({"avx2"}), None),
         memory=lambda: MemoryInfo(8 * GiB, 6 * GiB),
         disk_free=lambda _path: 10 * GiB,

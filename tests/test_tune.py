@@ -25,9 +25,10 @@ from velollm_patch.build import TUNABLE_KV_PAIRS
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.cli import main
 from velollm_patch.errors import VelollmError
-from velollm_patch.hardware import GiB, HardwareInfo, MiB
+from velollm_patch.hardware import GiB, HardwareInfo, MiB, VulkanDevice
 from velollm_patch.model import ModelInfo, find_draft_candidates, inspect_model
 from velollm_patch.paths import Paths
+from velollm_patch.serve import Device
 from velollm_patch.server_flags import ServerFlags, parse_help, read_server_flags
 from velollm_patch.tune import (
     AMX_WIDEN_PATCH,
@@ -488,6 +489,43 @@ def test_cpu_build_on_a_gpu_machine_plans_for_the_cpu(smollm2: ModelInfo, flags:
 def test_gpu_build_without_its_gpu_is_an_error(smollm2: ModelInfo, flags: ServerFlags) -> None:
     with pytest.raises(VelollmError, match="no nvidia GPU"):
         plan(smollm2, recorded_hardware("cpu-2core"), facts(flags, "cuda"))
+
+
+LLVMPIPE = "llvmpipe (LLVM 15.0.6, 256 bits)"
+
+
+def vulkan_facts(flags: ServerFlags, free_mib: int = 2048) -> BuildFacts:
+    """A Vulkan build whose server lists Mesa's software device, as with GGML_VK_VISIBLE_DEVICES=0."""
+    device = Device("Vulkan0", LLVMPIPE, 2048 * MiB, free_mib * MiB)
+    return dataclasses.replace(facts(flags, "vulkan"), devices=(device,))
+
+
+def llvmpipe_machine() -> HardwareInfo:
+    return dataclasses.replace(recorded_hardware("cpu-2core"), vulkan_devices=(VulkanDevice(0, LLVMPIPE, "cpu"),))
+
+
+def test_vulkan_plans_for_the_devices_its_build_lists(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    p = plan(smollm2, llvmpipe_machine(), vulkan_facts(flags))
+    assert p.backend == "vulkan"
+    assert LLVMPIPE in reason(p, "backend") and "software device" in reason(p, "backend")
+    # 2 GiB less the 1 GiB margin holds SmolLM2 and its default context: every layer goes to the device
+    assert choice(p, "gpu_layers") == "all" and arg(p, "--gpu-layers") == str(smollm2.n_layers + 1)
+    assert arg(p, "--flash-attn") == "on" and p.memory.device_bytes > 0
+
+
+def test_vulkan_long_context_is_split_between_device_and_cpu(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    # a 64K-token f16 KV cache alone is ~1.4 GiB: more than the software device's 2 GiB less the margin
+    p = plan(smollm2, llvmpipe_machine(), vulkan_facts(flags), TuneRequest(ctx=65536, profile="quality"))
+    layers = int(arg(p, "--gpu-layers") or "-1")
+    assert 0 < layers < smollm2.n_layers + 1, layers
+    assert "the rest run on the CPU" in reason(p, "gpu_layers")
+
+
+def test_vulkan_build_that_sees_no_device_is_an_error(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    # ggml-vulkan skips CPU-type devices unless GGML_VK_VISIBLE_DEVICES names them: the build lists none
+    no_device = dataclasses.replace(facts(flags, "vulkan"), devices=())
+    with pytest.raises(VelollmError, match="sees no Vulkan device.*GGML_VK_VISIBLE_DEVICES"):
+        plan(smollm2, llvmpipe_machine(), no_device)
 
 
 def test_code_workload_uses_ngram_speculation(smollm2: ModelInfo, flags: ServerFlags) -> None:

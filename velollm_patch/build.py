@@ -24,7 +24,7 @@ from typing import Any
 from velollm_patch import __version__, builds, models, patches, proc, serve, source
 from velollm_patch.errors import VelollmError
 from velollm_patch.files import sha256_file
-from velollm_patch.hardware import HardwareInfo
+from velollm_patch.hardware import HardwareInfo, Toolchain
 from velollm_patch.paths import Paths, ensure_dir
 
 log = logging.getLogger("velollm_patch.build")
@@ -47,6 +47,9 @@ X86_ISA_OPTIONS = (
 # Upstream's AMX matrix kernels fault (illegal instruction) on any batch of 2+ rows when GCC drops the
 # stores of their tile config; this patch fixes it, and a build without it gets no AMX kernels.
 AMX_FIX_PATCH = "amx-tile-config"
+# ggml_vk_instance_init (ggml-vulkan.cpp) uses vk::LayerSettingEXT from VK_EXT_layer_settings, first in the
+# 1.3.261 headers; Debian 12's 1.3.239 fail to compile it.
+VULKAN_MIN_HEADERS = (1, 3, 261)
 
 
 @dataclass(frozen=True)
@@ -165,16 +168,47 @@ def cmake_args_for(backend: str, hw: HardwareInfo, arch: tuple[str, ...]) -> tup
             raise VelollmError("a Metal build needs macOS; use --gpu cpu or vulkan here")
         args += ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"]
     elif backend == "vulkan":
-        if shutil.which("glslc") is None:
-            raise VelollmError(
-                "a Vulkan build needs glslc (the shader compiler): install the Vulkan SDK or use --gpu cpu"
-            )
-        args += ["-DGGML_VULKAN=ON"]
+        args += _vulkan_args(tools)
     elif backend == "cpu":
         args += ["-DGGML_CUDA=OFF", "-DGGML_METAL=OFF"]
     if backend != "metal":
         args += _cpu_isa_args(hw)
     return args, env
+
+
+def _vulkan_args(tools: Toolchain) -> list[str]:
+    """ggml-vulkan's needs, checked before a 15-minute build fails on them; the headers CMake will use are
+    named explicitly, so the version checked is the version compiled against."""
+    minimum = _dotted(VULKAN_MIN_HEADERS)
+    needs = (
+        (tools.vulkan_headers, "the Vulkan headers and loader", f"libvulkan-dev {minimum} or newer"),
+        (tools.glslc, "glslc (the shader compiler)", "glslc"),
+        (tools.glslang, "glslangValidator", "glslang-tools"),
+        (tools.spirv_headers, "SPIRV-Headers", "spirv-headers"),
+    )
+    for tool, what, package in needs:
+        if not tool.present:
+            raise VelollmError(
+                f"a Vulkan build needs {what}, which were not found: install {package} (Debian/Ubuntu) "
+                "or the Vulkan SDK with VULKAN_SDK set, or use --gpu cpu"
+            )
+    headers = tools.vulkan_headers
+    if _version_tuple(headers.version) < VULKAN_MIN_HEADERS:
+        raise VelollmError(
+            f"the Vulkan headers in {headers.path} are version {headers.version or 'unknown'}, older than this "
+            f"llama.cpp needs ({_dotted(VULKAN_MIN_HEADERS)}, for VK_EXT_layer_settings): install libvulkan-dev "
+            f"{_dotted(VULKAN_MIN_HEADERS)} or newer (Debian 13, Ubuntu 24.04) or the Vulkan SDK with VULKAN_SDK "
+            "set, or use --gpu cpu"
+        )
+    return ["-DGGML_VULKAN=ON", f"-DVulkan_INCLUDE_DIR={headers.path}"]
+
+
+def _version_tuple(version: str | None) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version or ""))
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
 
 
 def _cpu_isa_args(hw: HardwareInfo) -> list[str]:

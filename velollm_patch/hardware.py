@@ -39,7 +39,12 @@ MiB = 1024**2
 # against a hung driver stack (rocm-smi waiting on a wedged GPU) stalling `detect` forever.
 PROBE_TIMEOUT_S = 20
 
-TOOL_NAMES = ("cmake", "ninja", "cc", "cxx", "nvcc", "hipcc", "ccache", "git")
+TOOL_NAMES = (
+    "cmake", "ninja", "cc", "cxx", "nvcc", "hipcc", "ccache", "git",
+    # what a Vulkan build needs besides a compiler (ggml-vulkan's CMakeLists: find_package(Vulkan COMPONENTS glslc),
+    # find_package(SPIRV-Headers CONFIG), and glslangValidator for its shader-extension checks)
+    "glslc", "glslang", "vulkan_headers", "spirv_headers",
+)
 
 # ISA extensions that change how llama.cpp is built or how fast it runs, in display order.
 KEY_FLAGS = (
@@ -110,6 +115,27 @@ class Toolchain:
     hipcc: Tool
     ccache: Tool
     git: Tool
+    glslc: Tool
+    glslang: Tool  # glslangValidator
+    vulkan_headers: Tool  # path: the include directory a build would use
+    spirv_headers: Tool  # path: the directory of SPIRV-HeadersConfig.cmake
+
+
+@dataclass(frozen=True)
+class VulkanDevice:
+    """A device the Vulkan loader lists (``vulkaninfo --summary``)."""
+
+    index: int
+    name: str
+    device_type: str  # "discrete", "integrated", "virtual", "cpu" (a software rasterizer), "other"
+    api_version: str | None = None
+    driver: str | None = None
+
+    @property
+    def is_software(self) -> bool:
+        """A CPU-type device (Mesa's llvmpipe, SwiftShader): ggml-vulkan uses it only when it is named in
+        ``GGML_VK_VISIBLE_DEVICES``, and it is never faster than the CPU backend."""
+        return self.device_type == "cpu"
 
 
 @dataclass(frozen=True)
@@ -118,7 +144,7 @@ class HardwareInfo:
     cpu: CPUInfo
     memory: MemoryInfo
     gpus: tuple[GPUInfo, ...]
-    vulkan: bool
+    vulkan_devices: tuple[VulkanDevice, ...]
     disk_free_bytes: int  # free space where builds go
     toolchain: Toolchain
     apple_chip: str | None = None
@@ -128,19 +154,27 @@ class HardwareInfo:
         # JSON has no sets or tuples; sorting keeps recorded files stable under diff.
         data["cpu"]["flags"] = sorted(self.cpu.flags)
         data["gpus"] = [dataclasses.asdict(gpu) for gpu in self.gpus]
+        data["vulkan_devices"] = [dataclasses.asdict(device) for device in self.vulkan_devices]
+        data["vulkan"] = self.vulkan  # what records before the device list held
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HardwareInfo:
         try:
             cpu = {**data["cpu"], "flags": frozenset(data["cpu"]["flags"])}
-            tools = {key: Tool(**value) for key, value in data["toolchain"].items()}
+            # Records made before a tool was probed read it as absent.
+            tools = {name: Tool(name, None, None) for name in TOOL_NAMES}
+            tools |= {key: Tool(**value) for key, value in data["toolchain"].items()}
+            if "vulkan_devices" in data:
+                vulkan_devices = tuple(VulkanDevice(**device) for device in data["vulkan_devices"])
+            else:  # recorded as a yes/no: a GPU-type device of unknown name, or none
+                vulkan_devices = (VulkanDevice(0, "unknown", "other"),) if data["vulkan"] else ()
             return cls(
                 os=data["os"],
                 cpu=CPUInfo(**cpu),
                 memory=MemoryInfo(**data["memory"]),
                 gpus=tuple(GPUInfo(**gpu) for gpu in data["gpus"]),
-                vulkan=data["vulkan"],
+                vulkan_devices=vulkan_devices,
                 disk_free_bytes=data["disk_free_bytes"],
                 toolchain=Toolchain(**tools),
                 apple_chip=data.get("apple_chip"),
@@ -149,6 +183,11 @@ class HardwareInfo:
             raise VelollmError(
                 f"hardware record is malformed ({exc!r}): run `velollm-patch detect` to record it again"
             ) from exc
+
+    @property
+    def vulkan(self) -> bool:
+        """A Vulkan device worth building for: a GPU, not a software rasterizer."""
+        return any(not device.is_software for device in self.vulkan_devices)
 
     @property
     def total_vram_bytes(self) -> int:
@@ -482,10 +521,26 @@ def probe_apple() -> list[GPUInfo]:
 # --- Vulkan ----------------------------------------------------------------------------------
 
 
-def vulkan_summary_has_gpu(output: str) -> bool:
-    """Whether ``vulkaninfo --summary`` lists a real GPU; a CPU device (llvmpipe) is no use."""
-    types = re.findall(r"deviceType\s*=\s*(\S+)", output)
-    return any(kind != "PHYSICAL_DEVICE_TYPE_CPU" for kind in types)
+_VULKAN_DEVICE_TYPES = {
+    "PHYSICAL_DEVICE_TYPE_DISCRETE_GPU": "discrete", "PHYSICAL_DEVICE_TYPE_INTEGRATED_GPU": "integrated",
+    "PHYSICAL_DEVICE_TYPE_VIRTUAL_GPU": "virtual", "PHYSICAL_DEVICE_TYPE_CPU": "cpu",
+}
+
+
+def parse_vulkan_summary(output: str) -> tuple[VulkanDevice, ...]:
+    """The devices in ``vulkaninfo --summary``'s "Devices:" section (blocks "GPU<n>:" of ``key = value``)."""
+    devices: list[VulkanDevice] = []
+    blocks = re.split(r"^GPU(\d+):\s*$", output.split("Devices:", 1)[-1], flags=re.MULTILINE)
+    for index, body in zip(blocks[1::2], blocks[2::2], strict=True):
+        fields = dict(re.findall(r"^\s*(\w+)\s*=\s*(.*?)\s*$", body, flags=re.MULTILINE))
+        devices.append(VulkanDevice(
+            index=int(index),
+            name=fields.get("deviceName", "unknown"),
+            device_type=_VULKAN_DEVICE_TYPES.get(fields.get("deviceType", ""), "other"),
+            api_version=fields.get("apiVersion"),
+            driver=fields.get("driverInfo") or fields.get("driverName"),
+        ))
+    return tuple(devices)
 
 
 def _vulkan_loader_loadable() -> bool:
@@ -496,18 +551,22 @@ def _vulkan_loader_loadable() -> bool:
     return True
 
 
-def probe_vulkan(root: Path = Path("/")) -> bool:
+def probe_vulkan(root: Path = Path("/")) -> tuple[VulkanDevice, ...]:
     if shutil.which("vulkaninfo"):
         summary = _output(["vulkaninfo", "--summary"])
         if summary is not None:
-            return vulkan_summary_has_gpu(summary)
-    if platform.system() != "Linux":
-        return False
-    # Without vulkaninfo: the loader plus a GPU driver's ICD manifest is what a Vulkan build needs.
-    # Lavapipe's manifest (lvp_icd*) is a CPU rasterizer and does not count.
+            return parse_vulkan_summary(summary)
+    if platform.system() != "Linux" or not _vulkan_loader_loadable():
+        return ()
+    # Without vulkaninfo: the loader plus a driver's ICD manifest. Which devices a GPU driver serves is
+    # unknown; Lavapipe's manifest (lvp_icd*) is Mesa's software rasterizer, one CPU-type device.
     icd_dirs = [root / "usr/share/vulkan/icd.d", root / "etc/vulkan/icd.d"]
-    icds = [p for d in icd_dirs for p in d.glob("*.json") if not p.name.startswith("lvp_")]
-    return bool(icds) and _vulkan_loader_loadable()
+    icds = sorted(p for d in icd_dirs for p in d.glob("*.json"))
+    gpu_drivers = [p.name.split("_icd")[0] for p in icds if not p.name.startswith("lvp_")]
+    devices = [VulkanDevice(0, f"a device of the {gpu_drivers[0]} driver", "other")] if gpu_drivers else []
+    if any(p.name.startswith("lvp_") for p in icds):
+        devices.append(VulkanDevice(len(devices), "llvmpipe", "cpu", driver="Mesa lavapipe"))
+    return tuple(devices)
 
 
 # --- CPU -------------------------------------------------------------------------------------
@@ -636,6 +695,46 @@ def parse_tool_version(name: str, output: str) -> str | None:
     return dotted[-1] if dotted else None
 
 
+def vulkan_header_version(include_dir: Path) -> str | None:
+    """``1.3.239`` from ``include_dir/vulkan/vulkan_core.h`` (VK_HEADER_VERSION_COMPLETE's major.minor and
+    VK_HEADER_VERSION, the patch level), or None when it is not there."""
+    text = _read(include_dir / "vulkan" / "vulkan_core.h")
+    if text is None:
+        return None
+    complete = re.search(r"#define VK_HEADER_VERSION_COMPLETE VK_MAKE_API_VERSION\(\s*0\s*,\s*(\d+)\s*,\s*(\d+)", text)
+    patch = re.search(r"#define VK_HEADER_VERSION (\d+)", text)
+    if complete is None or patch is None:
+        return None
+    return f"{complete[1]}.{complete[2]}.{patch[1]}"
+
+
+def _vulkan_sdk() -> list[Path]:
+    sdk = os.environ.get("VULKAN_SDK")
+    return [Path(sdk)] if sdk else []
+
+
+def probe_vulkan_headers() -> Tool:
+    """The Vulkan headers a build would compile with: CMake's FindVulkan looks in $VULKAN_SDK first, then the
+    system prefixes (/usr/local before /usr, as the compiler does)."""
+    for include in [*(sdk / "include" for sdk in _vulkan_sdk()), Path("/usr/local/include"), Path("/usr/include")]:
+        if (include / "vulkan" / "vulkan.h").is_file():
+            return Tool("vulkan_headers", str(include), vulkan_header_version(include))
+    return Tool("vulkan_headers", None, None)
+
+
+def probe_spirv_headers() -> Tool:
+    """SPIRV-Headers' CMake package, which ggml-vulkan finds with find_package(SPIRV-Headers CONFIG)."""
+    prefixes = [*_vulkan_sdk(), Path("/usr/local"), Path("/usr")]
+    for prefix in prefixes:
+        config_dirs = sorted(prefix.glob("*/cmake/SPIRV-Headers")) + sorted(prefix.glob("lib/*/cmake/SPIRV-Headers"))
+        for config_dir in config_dirs:
+            if (config_dir / "SPIRV-HeadersConfig.cmake").is_file():
+                version_file = _read(config_dir / "SPIRV-HeadersConfigVersion.cmake") or ""
+                version = re.search(r'set\(PACKAGE_VERSION "([\d.]+)"\)', version_file)
+                return Tool("spirv_headers", str(config_dir), version[1] if version else None)
+    return Tool("spirv_headers", None, None)
+
+
 def _tool_command(name: str) -> list[str]:
     """How to invoke a tool; $CC/$CXX may carry a launcher or flags ("ccache gcc") as for make."""
     if name in ("cc", "cxx"):
@@ -643,6 +742,8 @@ def _tool_command(name: str) -> list[str]:
         if configured and configured.strip():
             return shlex.split(configured)
         return ["cc" if name == "cc" else "c++"]
+    if name == "glslang":
+        return ["glslangValidator"]
     return [name]
 
 
@@ -658,6 +759,10 @@ def _fallback_locations(name: str) -> list[Path]:
 
 
 def probe_tool(name: str) -> Tool:
+    if name == "vulkan_headers":
+        return probe_vulkan_headers()
+    if name == "spirv_headers":
+        return probe_spirv_headers()
     command = _tool_command(name)
     path = shutil.which(command[0])
     if path is None:
@@ -679,7 +784,7 @@ class Probes:
     nvidia: Callable[[], list[GPUInfo]] = probe_nvidia
     amd: Callable[[], list[GPUInfo]] = probe_amd
     apple: Callable[[], list[GPUInfo]] = probe_apple
-    vulkan: Callable[[], bool] = probe_vulkan
+    vulkan: Callable[[], tuple[VulkanDevice, ...]] = probe_vulkan
     cpu: Callable[[], CPUInfo] = probe_cpu
     memory: Callable[[], MemoryInfo] = probe_memory
     disk_free: Callable[[Path], int] = probe_disk_free
@@ -695,7 +800,7 @@ def detect(probes: Probes | None = None, build_dir: Path | None = None) -> Hardw
         cpu=p.cpu(),
         memory=p.memory(),
         gpus=gpus,
-        vulkan=p.vulkan(),
+        vulkan_devices=p.vulkan(),
         disk_free_bytes=p.disk_free(build_dir if build_dir is not None else get_paths().cache),
         toolchain=Toolchain(**{name: p.tool(name) for name in TOOL_NAMES}),
         # On Apple Silicon the GPU is the chip, so its name is the chip's.
@@ -726,6 +831,17 @@ def _gpu_line(gpu: GPUInfo) -> str:
     return f"GPU {gpu.index} ({gpu.vendor}): {gpu.name} — {', '.join(details)}"
 
 
+def _vulkan_line(device: VulkanDevice) -> str:
+    kind = "software, CPU type" if device.is_software else f"{device.device_type} GPU"
+    details = [kind, *([f"Vulkan {device.api_version}"] if device.api_version else []),
+               *([device.driver] if device.driver else [])]
+    line = f"Vulkan {device.index}: {device.name} — {', '.join(details)}"
+    if device.is_software:
+        line += (f"; --gpu auto builds for the CPU instead, and a Vulkan build uses it only when named "
+                 f"(GGML_VK_VISIBLE_DEVICES={device.index})")
+    return line
+
+
 def summary_lines(hw: HardwareInfo) -> list[str]:
     """What ``velollm-patch detect`` prints."""
     cpu = hw.cpu
@@ -739,7 +855,8 @@ def summary_lines(hw: HardwareInfo) -> list[str]:
     ]
     lines += [_gpu_line(gpu) for gpu in hw.gpus] or ["GPU: none"]
     lines += [
-        f"Vulkan: {'yes' if hw.vulkan else 'no'}",
+        *(_vulkan_line(device) for device in hw.vulkan_devices),
+        *(["Vulkan: no device"] if not hw.vulkan_devices else []),
         f"Disk free for builds: {_gib(hw.disk_free_bytes)}",
         f"Backend: {hw.backend()}",
         "Toolchain:",
@@ -747,7 +864,7 @@ def summary_lines(hw: HardwareInfo) -> list[str]:
     for field in dataclasses.fields(hw.toolchain):
         tool: Tool = getattr(hw.toolchain, field.name)
         if tool.present:
-            lines.append(f"  {tool.name:<7} {tool.version or 'version unknown':<10} {tool.path}")
+            lines.append(f"  {tool.name:<14} {tool.version or 'version unknown':<10} {tool.path}")
         else:
-            lines.append(f"  {tool.name:<7} absent")
+            lines.append(f"  {tool.name:<14} absent")
     return lines

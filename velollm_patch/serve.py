@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from typing import Any
 import httpx
 import psutil
 
+from velollm_patch import proc
 from velollm_patch.errors import VelollmError
 from velollm_patch.proc import format_command
 
@@ -41,6 +43,34 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port
     log_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device a build offloads to, as its ``llama-server --list-devices`` names it."""
+
+    name: str  # "Vulkan0", "CUDA0"
+    description: str
+    total_bytes: int
+    free_bytes: int
+
+
+_DEVICE_LINE = re.compile(r"^\s*(\S+): (.*) \((\d+) MiB, (\d+) MiB free\)\s*$")
+# Listing devices initializes each backend (a Vulkan instance, the CUDA runtime): seconds, not minutes.
+LIST_DEVICES_TIMEOUT_S = 120
+
+
+def list_devices(binary: Path, env: Mapping[str, str] | None = None) -> tuple[Device, ...]:
+    """The devices ``binary`` offloads to in this environment, where GGML_VK_VISIBLE_DEVICES,
+    CUDA_VISIBLE_DEVICES and the like decide what it sees (common/arg.cpp: the CPU is not listed)."""
+    result = proc.run([str(binary), "--list-devices"], env=dict(env or {}), check=False,
+                      timeout=LIST_DEVICES_TIMEOUT_S)
+    if result.returncode != 0 or "Available devices:" not in result.output:
+        raise VelollmError(f"{binary} --list-devices failed (exit {result.returncode}): {result.tail(2)}")
+    matches = (_DEVICE_LINE.match(line) for line in result.output.split("Available devices:", 1)[1].splitlines())
+    return tuple(
+        Device(m[1], m[2], int(m[3]) * 1024**2, int(m[4]) * 1024**2) for m in matches if m is not None
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:

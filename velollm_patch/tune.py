@@ -28,7 +28,7 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from velollm_patch import models, proc
+from velollm_patch import models, proc, serve
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.errors import VelollmError
 from velollm_patch.hardware import GiB, GPUInfo, HardwareInfo, MiB
@@ -126,6 +126,9 @@ class BuildFacts:
     cpu_repack_q8_0: bool = False
     """Q8_0 and Q5_0 matrices go to the CPU_REPACK buffer: patch cpu-repack-q8-0 in an x86 build with VNNI
     (its kernels need it) and without AMX (whose buffer takes those types first)."""
+    devices: tuple[serve.Device, ...] = ()
+    """What a Vulkan build's server offloads to here (``--list-devices``): which devices ggml-vulkan takes
+    depends on their type and GGML_VK_VISIBLE_DEVICES, so only the build can say."""
 
     @classmethod
     def from_build(cls, build: InstalledBuild, paths: Paths) -> BuildFacts:
@@ -140,9 +143,10 @@ class BuildFacts:
         pairs = build.manifest.get("fa_kv_pairs")
         cmake_args = set(build.manifest.get("cmake_args", ()))
         amx = "-DGGML_AMX_INT8=ON" in cmake_args
+        backend = str(build.manifest.get("backend", "cpu"))
         return cls(
             build_id=build.build_id,
-            backend=str(build.manifest.get("backend", "cpu")),
+            backend=backend,
             patches=tuple(build.patch_names),
             fa_kv_pairs=tuple(pairs) if pairs else None,
             flags=read_server_flags(build.bin("llama-server"), paths),
@@ -153,6 +157,7 @@ class BuildFacts:
                 "-DGGML_AVX_VNNI=ON" in cmake_args
                 or {"-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON"} <= cmake_args  # GGML_AVX512 brings AVX512-VL
             ),
+            devices=serve.list_devices(build.bin("llama-server")) if backend == "vulkan" else (),
         )
 
     def has_patch(self, name: str) -> bool:
@@ -556,9 +561,22 @@ class _Planner:
                 f"the installed build {self.build.build_id} is for {backend}, but no {gpu_vendor} GPU is visible; "
                 "rebuild with `velollm-patch build --gpu auto`"
             )
-        if backend == "vulkan" and not self.hw.gpus and not self.hw.vulkan:
-            raise VelollmError(f"the installed build {self.build.build_id} needs Vulkan, which is not available")
-        if backend == "cpu" and self.hw.gpus:
+        if backend == "vulkan" and not self.build.devices:
+            raise VelollmError(
+                f"the installed Vulkan build {self.build.build_id} sees no Vulkan device (a software device such as "
+                "llvmpipe counts only when GGML_VK_VISIBLE_DEVICES names it); rebuild with `velollm-patch build "
+                "--gpu auto`"
+            )
+        if backend == "vulkan":
+            device = self.build.devices[0]
+            software = any(d.is_software and d.name == device.description for d in self.hw.vulkan_devices)
+            slow = ": a software device, slower than the CPU backend" if software else ""
+            self.note(
+                "backend", backend,
+                f"the installed build offloads to {device.description} "
+                f"({device.name}, {_mib(device.total_bytes)}){slow}",
+            )
+        elif backend == "cpu" and self.hw.gpus:
             self.note("backend", backend, f"the installed build is CPU-only although {self.hw.gpus[0].name} is present")
         elif backend == "cpu":
             self.note("backend", backend, "no GPU: everything runs on the CPU")
@@ -573,6 +591,8 @@ class _Planner:
 
     def device_budget(self) -> int:
         """Free device memory less llama-fit-params' margin per device."""
+        if self.build.backend == "vulkan":
+            return sum(max(0, d.free_bytes - DEVICE_MARGIN_BYTES) for d in self.build.devices)
         return sum(
             max(0, (g.vram_free_bytes if g.vram_free_bytes is not None else g.vram_total_bytes) - DEVICE_MARGIN_BYTES)
             for g in self._gpus()
