@@ -144,3 +144,13 @@ def test_unknown_patch_and_unknown_pin(tmp_paths: Paths) -> None:
 def test_metal_needs_macos(tmp_paths: Paths) -> None:
     with pytest.raises(VelollmError, match="needs macOS"):
         _plan("cpu-2core", tmp_paths, gpu="metal")
+
+
+def test_only_the_asked_targets_are_built_and_llama_server_always(tmp_paths: Paths) -> None:
+    hw = recorded_hardware("cpu-2core")
+    full = plan_build(BuildOptions(gpu="cpu"), hw, tmp_paths, fetch=False)
+    some = plan_build(BuildOptions(gpu="cpu", targets=("llama-fit-params",)), hw, tmp_paths, fetch=False)
+    assert some.targets == ("llama-server", "llama-fit-params")
+    assert some.build_id != full.build_id  # another set of binaries is another build
+    with pytest.raises(VelollmError, match="unknown build target llama-cli: choose from llama-server"):
+        plan_build(BuildOptions(gpu="cpu", targets=("llama-cli",)), hw, tmp_paths, fetch=False)

@@ -63,6 +63,7 @@ class BuildOptions:
     wait: float = 0  # seconds to wait for another build's lock
     smoke_model: Path | None = None  # GGUF for the smoke test (default: the demo model)
     make_current: bool = True
+    targets: tuple[str, ...] = TARGETS  # a subset saves compile time; llama-server is always built
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,7 @@ def plan_build(options: BuildOptions, hw: HardwareInfo, paths: Paths, *, fetch: 
             f"free {MIN_FREE_DISK_BYTES / 1024**3:.0f} GiB or set VELOLLM_HOME to a larger disk",
             exit_code=4,
         )
+    targets = _targets(options.targets)
     backend_args, env = cmake_args_for(backend, hw, options.arch)
     src = source.fetch(options.source, paths) if fetch else _cached_source(options.source, paths)
     series: patches.Series | None = None
@@ -271,16 +273,24 @@ def plan_build(options: BuildOptions, hw: HardwareInfo, paths: Paths, *, fetch: 
         "cmake": sorted(a for a in args if not a.startswith(("-G", "-DCMAKE_C_COMPILER_LAUNCHER",
                                                              "-DCMAKE_CXX_COMPILER_LAUNCHER",
                                                              "-DCMAKE_CUDA_COMPILER_LAUNCHER"))),
-        "targets": list(TARGETS),
+        "targets": list(targets),
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     flavour = "vanilla" if not selected else "patched"
     build_id = f"{src.short_commit or 'local'}-{backend}-{flavour}-{digest}"
     return BuildPlan(
         options=options, backend=backend, source=src, series=series, selected=selected, patch_level=patch_level,
-        cmake_args=tuple(args), targets=TARGETS, generator=generator, jobs=jobs, build_id=build_id,
+        cmake_args=tuple(args), targets=targets, generator=generator, jobs=jobs, build_id=build_id,
         install_dir=paths.builds / build_id, env=env,
     )
+
+
+def _targets(wanted: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = sorted(set(wanted) - set(TARGETS))
+    if unknown:
+        raise VelollmError(f"unknown build target {', '.join(unknown)}: choose from {', '.join(TARGETS)}")
+    # the smoke test and every command run llama-server; the order is TARGETS' so the identity is stable
+    return tuple(t for t in TARGETS if t in wanted or t == "llama-server")
 
 
 def _cached_source(spec: str, paths: Paths) -> source.Source:

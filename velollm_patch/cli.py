@@ -16,7 +16,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from velollm_patch import __version__, builds, hardware, models, patches, serve, source, terminal, tune
-from velollm_patch.build import GPU_CHOICES, BuildOptions, ProgressCallback, plan_build, run_build
+from velollm_patch.build import GPU_CHOICES, TARGETS, BuildOptions, ProgressCallback, plan_build, run_build
 from velollm_patch.errors import VelollmError, plain
 from velollm_patch.model import inspect_model
 from velollm_patch.paths import get_paths
@@ -206,11 +206,14 @@ def patches_apply(spec: str, selection: str, out: Path) -> None:
 @click.option("--jobs", type=int, help="Parallel compile jobs (default: logical cores).")
 @click.option("--wait", type=float, default=0, help="Seconds to wait if another build is running.")
 @click.option("--no-switch", is_flag=True, help="Install but leave `current` where it is.")
+@click.option("--target", "targets", multiple=True, help=(
+    f"Build only these tools (llama-server always); repeatable or a comma list (default: {', '.join(TARGETS)})."
+))
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
 def build(
     gpu: str, arch: tuple[str, ...], selection: str, spec: str, jobs: int | None, wait: float,
-    no_switch: bool, dry_run: bool, as_json: bool,
+    no_switch: bool, targets: tuple[str, ...], dry_run: bool, as_json: bool,
 ) -> None:
     """Build llama.cpp (with the patch series) for this machine and install it."""
     paths = get_paths()
@@ -218,6 +221,7 @@ def build(
     options = BuildOptions(
         gpu=gpu, arch=tuple(a for item in arch for a in item.split(",") if a), patches=selection, source=spec,
         jobs=jobs, wait=wait, make_current=not no_switch,
+        targets=tuple(t for item in targets for t in item.split(",") if t) or TARGETS,
     )
     plan = plan_build(options, hw, paths, fetch=not dry_run)
     if dry_run:
