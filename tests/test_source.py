@@ -100,3 +100,24 @@ def test_git_source_from_a_local_repository(tmp_path: Path, tmp_paths: Paths) ->
     assert source.fetch(f"git:{repo}@b1", tmp_paths) == fetched  # second fetch is the cache
     with pytest.raises(VelollmError, match="could not fetch nope"):
         source.fetch(f"git:{repo}@nope", tmp_paths)
+
+
+def test_trimmed_export_keeps_its_commit_for_a_path_source(tmp_path: Path, tmp_paths: Paths) -> None:
+    # A trimmed tree shipped to another machine has no .git: the export records the upstream commit, so a
+    # path: source of the unpacked tree can still be matched to its patch series there.
+    tree = tmp_path / "tree"
+    (tree / "ggml").mkdir(parents=True)
+    (tree / "src").mkdir()
+    (tree / "src" / "llama.cpp").write_text("int main;\n")
+    (tree / "CMakeLists.txt").write_text('set(LLAMA_VERSION "1.2.3")\n')
+    commit = source.PINS[source.DEFAULT_PIN].commit
+    shipped = source.Source(spec="pypi:llama-cpp-python==0.3.36", tree=tree, commit=commit, llama_version="1.2.3",
+                            sdist_sha256=None, fetched_at="now")
+    tarball = source.export_trimmed(shipped, tmp_path / "out" / "tree.tar.gz")
+    with tarfile.open(tarball) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    unpacked = tmp_path / "unpacked" / f"llama.cpp-{commit[:7]}"
+    assert (unpacked / "src" / "llama.cpp").read_text() == "int main;\n"
+    assert source.fetch(f"path:{unpacked}", tmp_paths).commit == commit
+    (unpacked / source.EXPORT_MARKER).write_text('{"commit": "not a commit"}')
+    assert source.fetch(f"path:{unpacked}", tmp_paths).commit is None

@@ -14,6 +14,7 @@ A fetched tree is never modified; builds patch a fresh copy (:func:`fresh_copy`)
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -59,6 +60,9 @@ TRIMMED_PATHS = (
     "tools/CMakeLists.txt", "tools/server", "tools/llama-bench", "tools/perplexity", "tools/quantize",
     "tools/fit-params", "tools/mtmd", "tools/cli", "tools/ui",
 )
+# Written into a trimmed export: the tree has no .git, and without its upstream commit a ``path:`` source of
+# it could not be patched (the series is chosen by commit) on the machine it was shipped to.
+EXPORT_MARKER = "velollm-source.json"
 
 
 @dataclass(frozen=True)
@@ -199,10 +203,16 @@ def export_trimmed(source: Source, out: Path, tree: Path | None = None) -> Path:
     ensure_dir(out.parent)
     tmp = out.with_name(out.name + ".partial")
     prefix = f"llama.cpp-{source.short_commit or 'local'}"
+    marker = json.dumps(
+        {"commit": source.commit, "llama_version": source.llama_version, "exported_from": source.spec}, indent=2
+    ).encode() + b"\n"
     with tarfile.open(tmp, "w:gz", compresslevel=9) as tar:
         for rel in TRIMMED_PATHS:
             if (root / rel).exists():
                 tar.add(root / rel, arcname=f"{prefix}/{rel}", filter=_skip_bulk)
+        info = tarfile.TarInfo(f"{prefix}/{EXPORT_MARKER}")
+        info.size, info.mode, info.mtime = len(marker), 0o644, int(datetime.now(UTC).timestamp())
+        tar.addfile(info, io.BytesIO(marker))
     os.replace(tmp, out)
     return out
 
@@ -308,10 +318,21 @@ def _local_source(spec: SourceSpec) -> Source:
         result = proc.run(["git", "-C", tree, "rev-parse", "HEAD"], check=False)
         if result.returncode == 0:
             commit = result.output.strip()
+    elif (tree / EXPORT_MARKER).is_file():
+        commit = _exported_commit(tree / EXPORT_MARKER)
     return Source(
         spec=str(spec), tree=tree, commit=commit, llama_version=_llama_version(tree),
         sdist_sha256=None, fetched_at=_now(),
     )
+
+
+def _exported_commit(marker: Path) -> str | None:
+    """The upstream commit a trimmed export recorded; None when the marker is unreadable or says none."""
+    try:
+        commit = json.loads(marker.read_text(encoding="utf-8")).get("commit")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return commit if isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{7,40}", commit) else None
 
 
 def _llama_version(tree: Path) -> str | None:
