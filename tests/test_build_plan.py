@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import recorded_hardware
-from velollm_patch.build import BuildOptions, cuda_arch, plan_build
+from velollm_patch.build import TARGETS, BuildOptions, cuda_arch, plan_build
 from velollm_patch.errors import VelollmError
 from velollm_patch.hardware import HardwareInfo, Tool
 from velollm_patch.paths import Paths
@@ -144,3 +144,16 @@ def test_unknown_patch_and_unknown_pin(tmp_paths: Paths) -> None:
 def test_metal_needs_macos(tmp_paths: Paths) -> None:
     with pytest.raises(VelollmError, match="needs macOS"):
         _plan("cpu-2core", tmp_paths, gpu="metal")
+
+
+def test_a_subset_of_targets_is_built_in_series_order_under_its_own_id(tmp_paths: Paths) -> None:
+    hw = recorded_hardware("h100")
+    full = plan_build(BuildOptions(), hw, tmp_paths, fetch=False)
+    server_only = plan_build(BuildOptions(targets=("llama-fit-params", "llama-server")), hw, tmp_paths, fetch=False)
+    assert server_only.targets == ("llama-server", "llama-fit-params")
+    assert server_only.build_id != full.build_id  # an installed full build is not mistaken for it, nor the reverse
+    assert plan_build(BuildOptions(targets=TARGETS), hw, tmp_paths, fetch=False).build_id == full.build_id
+    with pytest.raises(VelollmError, match="among llama-server.*not llama-cli"):
+        plan_build(BuildOptions(targets=("llama-server", "llama-cli")), hw, tmp_paths, fetch=False)
+    with pytest.raises(VelollmError, match="must include llama-server"):
+        plan_build(BuildOptions(targets=("llama-quantize",)), hw, tmp_paths, fetch=False)

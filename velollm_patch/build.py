@@ -60,6 +60,8 @@ class BuildOptions:
     wait: float = 0  # seconds to wait for another build's lock
     smoke_model: Path | None = None  # GGUF for the smoke test (default: the demo model)
     make_current: bool = True
+    targets: tuple[str, ...] = TARGETS  # a subset builds faster (a CUDA check needs the server alone)
+    timeout_s: float | None = None  # configure + compile; past it the build stops and nothing is installed
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,12 @@ def plan_build(options: BuildOptions, hw: HardwareInfo, paths: Paths, *, fetch: 
         args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
         if backend == "cuda":
             args.append("-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache")
+    unknown = [t for t in options.targets if t not in TARGETS]
+    if unknown or not options.targets:
+        raise VelollmError(f"build targets must be among {', '.join(TARGETS)}, not {', '.join(unknown) or 'none'}")
+    if "llama-server" not in options.targets:
+        raise VelollmError("build targets must include llama-server: the smoke test and every command run it")
+    targets = tuple(t for t in TARGETS if t in options.targets)
     jobs = options.jobs or max(1, hw.cpu.logical_cores)
     identity = {
         "source": [src.spec, src.commit, src.sdist_sha256],
@@ -237,14 +245,14 @@ def plan_build(options: BuildOptions, hw: HardwareInfo, paths: Paths, *, fetch: 
         "cmake": sorted(a for a in args if not a.startswith(("-G", "-DCMAKE_C_COMPILER_LAUNCHER",
                                                              "-DCMAKE_CXX_COMPILER_LAUNCHER",
                                                              "-DCMAKE_CUDA_COMPILER_LAUNCHER"))),
-        "targets": list(TARGETS),
+        "targets": list(targets),
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     flavour = "vanilla" if not selected else "patched"
     build_id = f"{src.short_commit or 'local'}-{backend}-{flavour}-{digest}"
     return BuildPlan(
         options=options, backend=backend, source=src, series=series, selected=selected, patch_level=patch_level,
-        cmake_args=tuple(args), targets=TARGETS, generator=generator, jobs=jobs, build_id=build_id,
+        cmake_args=tuple(args), targets=targets, generator=generator, jobs=jobs, build_id=build_id,
         install_dir=paths.builds / build_id, env=env,
     )
 
@@ -306,9 +314,11 @@ def _build_and_install(
         report("configuring", 0, 0)
         build_dir = work / "build"
         env = {**plan.env, "CCACHE_BASEDIR": str(work), "CCACHE_NOHASHDIR": "1"}
+        limit = plan.options.timeout_s
         proc.run(["cmake", "-S", tree, "-B", build_dir, *plan.cmake_args], env=env, log_file=log_file,
-                 on_line=on_line, what="cmake configure")
-        _compile(plan, build_dir, env, log_file, report, on_line)
+                 on_line=on_line, what="cmake configure", timeout=limit)
+        left = None if limit is None else max(1.0, limit - (time.monotonic() - started))
+        _compile(plan, build_dir, env, log_file, report, on_line, left)
         report("smoke test", 0, 0)
         _stage(plan, hw, build_dir, staging, started)
         smoke_test(staging, plan.patch_level, plan.options.smoke_model or _default_model(paths), log_file)
@@ -325,7 +335,7 @@ def _build_and_install(
 
 def _compile(
     plan: BuildPlan, build_dir: Path, env: dict[str, str], log_file: Path, report: ProgressCallback,
-    on_line: Callable[[str], None] | None,
+    on_line: Callable[[str], None] | None, timeout: float | None,
 ) -> None:
     step = re.compile(r"^\[(\d+)/(\d+)\]")  # ninja's "[n/N]" (make prints "[ 42%]", handled below)
     percent = re.compile(r"^\[\s*(\d+)%\]")
@@ -341,7 +351,7 @@ def _compile(
     proc.run(
         ["cmake", "--build", build_dir, "--config", plan.options.build_type, "-j", str(plan.jobs),
          "--target", *plan.targets],
-        env=env, log_file=log_file, on_line=follow, what="build",
+        env=env, log_file=log_file, on_line=follow, what="build", timeout=timeout,
     )
 
 
