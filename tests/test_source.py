@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from velollm_patch import source
+from velollm_patch import patches, proc, source
+from velollm_patch.build import BuildOptions, plan_build
 from velollm_patch.errors import VelollmError
+from velollm_patch.hardware import HardwareInfo
 from velollm_patch.paths import Paths
 
 
@@ -121,3 +123,23 @@ def test_trimmed_export_keeps_its_commit_for_a_path_source(tmp_path: Path, tmp_p
     assert source.fetch(f"path:{unpacked}", tmp_paths).commit == commit
     (unpacked / source.EXPORT_MARKER).write_text('{"commit": "not a commit"}')
     assert source.fetch(f"path:{unpacked}", tmp_paths).commit is None
+
+
+@pytest.mark.slow
+def test_the_trimmed_export_of_the_pin_is_patched_and_configured_from_a_path_source(
+    paths: Paths, live_hardware: HardwareInfo, tmp_path: Path
+) -> None:
+    # What another machine gets: the tarball alone, unpacked, as a path: source. tools/CMakeLists.txt adds every
+    # tool's directory, so a trimmed tree without one of them failed to configure.
+    tarball = source.export_trimmed(source.fetch(source.DEFAULT_SOURCE, paths), tmp_path / "tree.tar.gz")
+    with tarfile.open(tarball) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    plan = plan_build(BuildOptions(gpu="cpu", source=f"path:{unpacked}"), live_hardware, paths)
+    assert plan.selected and plan.source.commit == source.PINS[source.DEFAULT_PIN].commit
+    tree = source.fresh_copy(plan.source, tmp_path / "patched")
+    assert plan.series is not None
+    patches.apply(plan.series, plan.selected, tree)
+    generator_free = [a for a in plan.cmake_args if not a.startswith("-G")]
+    configured = proc.run(["cmake", "-S", tree, "-B", tmp_path / "build", *generator_free], check=False, timeout=600)
+    assert configured.returncode == 0, configured.tail()
