@@ -130,7 +130,8 @@ def test_the_trimmed_export_of_the_pin_is_patched_and_configured_from_a_path_sou
     paths: Paths, live_hardware: HardwareInfo, tmp_path: Path
 ) -> None:
     # What another machine gets: the tarball alone, unpacked, as a path: source. tools/CMakeLists.txt adds every
-    # tool's directory, so a trimmed tree without one of them failed to configure.
+    # tool's directory, so a trimmed tree without one of them failed to configure, and one without
+    # scripts/ui-assets.cmake failed to build llama-server.
     tarball = source.export_trimmed(source.fetch(source.DEFAULT_SOURCE, paths), tmp_path / "tree.tar.gz")
     with tarfile.open(tarball) as tar:
         tar.extractall(tmp_path / "unpacked", filter="data")
@@ -143,3 +144,6 @@ def test_the_trimmed_export_of_the_pin_is_patched_and_configured_from_a_path_sou
     generator_free = [a for a in plan.cmake_args if not a.startswith("-G")]
     configured = proc.run(["cmake", "-S", tree, "-B", tmp_path / "build", *generator_free], check=False, timeout=600)
     assert configured.returncode == 0, configured.tail()
+    # the one build step that reads a file outside the trimmed directories: embedding the web UI in the server
+    ui = proc.run(["cmake", "--build", tmp_path / "build", "--target", "llama-ui-assets"], check=False, timeout=600)
+    assert ui.returncode == 0, ui.tail()

@@ -56,9 +56,10 @@ VENDOR_DIR = "vendor/llama.cpp"
 
 # What a build of our targets needs; everything else (docs, models, tests, UI sources) stays behind. All of
 # tools/: its CMakeLists.txt adds every tool's directory, and configuring fails on any one missing (the small
-# ones add ~0.2 MB to the tarball).
+# ones add ~0.2 MB to the tarball); the script that embeds the web UI into llama-server.
 TRIMMED_PATHS = (
     "CMakeLists.txt", "cmake", "common", "ggml", "include", "src", "vendor", "licenses", "LICENSE", "tools",
+    "scripts/ui-assets.cmake",
 )
 # Written into a trimmed export: the tree has no .git, and without its upstream commit a ``path:`` source of
 # it could not be patched (the series is chosen by commit) on the machine it was shipped to.
