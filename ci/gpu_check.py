@@ -6,35 +6,40 @@ Two steps. Here, with the network::
 
 gathers what the lent machine lacks into ``.gpucheck/`` (git-ignored, carried with the working tree): the
 trimmed llama.cpp source (``source export --trimmed``, which records its commit), wheels of our dependencies
-that the machine's image does not have (KINDS.md lists its packages), and a real model small enough to travel
-(SmolLM2-135M cut to its first layers and re-quantized to Q4_0, as many layers as the 64 MiB limit on the
-travelling tree leaves room for; every size is measured and printed). There, with no network::
+that the machine's image does not have (gguf and platformdirs; KINDS.md lists its packages), and a real model
+small enough to travel (SmolLM2-135M cut to its first layers and re-quantized to Q4_0, as many layers as the
+64 MiB limit on the travelling tree leaves room for; every size is measured and printed). There::
 
     python -m ci.gpu_check --gpu cuda --from .gpucheck --out $OUT
 
-builds the series vanilla and patched (only the targets it runs; CUDA for compute capability 9.0, the H100 and
-H200), makes its models (a random-weight Q4_0 llama of a real 8B shape, written with numpy; the travelled real
-model at F16 as a speculation target), and measures: greedy outputs vanilla vs patched token by token, the
-tuner's plan vs upstream's defaults (``bench ab`` through the product's library), KV memory at a 32K context
-(vanilla's preallocation vs ``--kv-on-demand``, host RSS and device memory), and ``--spec-adaptive`` vs fixed
-draft lengths with a draft model. Every stage has a time limit within one budget (``--budget-s``); a stage that
-runs out is stopped with its servers and compiles, and what it needed is skipped and said so. It writes one
-JSON and one Markdown report into ``--out``, again after every stage, so a run cut short still leaves one.
-The patched build runs first and the vanilla one (at a lower priority) while the stages that need only the
-patched build measure: a CUDA build of this tree takes minutes on 16 cores, and two do not fit the budget
-one after the other. ``--gpu cpu`` runs the same flow on this machine (a 4-layer model of the same widths).
+builds the series vanilla and patched (llama-server and llama-fit-params only; CUDA for compute capability 9.0,
+the H100 and H200), makes its models (a random-weight Q4_0 llama of a real 8B shape written with numpy, 4.2 GB;
+the travelled real model at F16 as a speculation target), and measures: greedy outputs vanilla vs patched token
+by token, the tuner's plan vs upstream's defaults (``bench ab`` through the product's library), KV memory at a
+32K context (vanilla's preallocation vs ``--kv-on-demand``, host RSS and device memory, with the KV on the
+device and in host memory), and ``--spec-adaptive`` vs fixed draft lengths with a draft model. Every stage has
+a time limit within one budget (``--budget-s``); a stage that runs out is stopped with its servers and
+compiles, what needed it is skipped and says so, and one JSON and one Markdown report are written into
+``--out`` after every stage, so a run cut short still leaves them. On a GPU the patched build runs first and
+the vanilla one (at a lower priority) while the stages that need only the patched build measure; ``--gpu cpu``
+builds both first and runs the same flow with a 4-layer model of the same widths (2 cores: ~8 minutes with the
+builds in ccache).
 
-The command for the device tool's ``run`` (kind nvidia-h100-x1; the machine's python3 is 3.12 with every
-dependency but the carried wheels; ``carry``: [".gpucheck"]; ``timeout_s``: 600, which leaves the budget's
-480 s, the wheels' install and the reports room)::
+The command for the device tool's ``run`` (kind nvidia-h100-x1; its python3 is 3.12 with every dependency but
+the carried wheels; ``carry``: [".gpucheck"]; ``timeout_s``: 600, the budget's 480 s plus the wheels, the
+interpreter and the reports)::
 
-    set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site
-    .gpucheck/wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && nvidia-smi -L &&
+    set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target
+    /tmp/site .gpucheck/wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && { nvidia-smi -L;
     python3 -m ci.gpu_check --gpu cuda --arch 9.0 --from .gpucheck --out $OUT --home /tmp/gpu-check
-    --budget-s 480 2>&1 | tee $OUT/gpu-check.log
+    --budget-s 480 2>&1 | tee $OUT/gpu-check.log; }
 
-(one line, the breaks above are for reading). The reports come back as ``gpu-check.json`` and
-``gpu-check.md`` with the log beside them.
+(one line; the breaks are for reading). ``gpu-check.json``, ``gpu-check.md`` and the log come back. Two CUDA
+builds of this tree may not fit 480 s on 16 cores (nobody has timed one there yet): the report gives each
+build's time or its last ``[n/N]`` at the cut. If vanilla's was cut, the same command again on the still-warm
+machine (within its 30 s) reuses every installed build under ``--home`` (identical inputs), so its minutes go
+to vanilla's build and the stages that need it; the 15 minutes of device time hold the start and two such runs
+only if the first stays under about 8 minutes.
 """
 
 from __future__ import annotations
@@ -94,6 +99,9 @@ MIN_STAGE_S = 10.0
 # After a stage's limit: time for its thread to notice its servers were stopped.
 STAGE_GRACE_S = 10.0
 KV_CONTEXT = 32768
+# Where cuBLAS (which a CUDA build links) may be: the toolkit, the system, or the nvidia-cublas wheel.
+CUBLAS_GLOBS = ("/usr/local/cuda*/lib64/libcublas.so*", "/usr/local/cuda*/include/cublas_v2.h",
+                "/usr/lib/x86_64-linux-gnu/libcublas.so*")
 # Greedy prompts for the output comparison and speculation (SmolLM2's chat format, which both models use).
 PROMPTS = (
     "<|im_start|>user\nWrite a Python function that checks whether a string is a palindrome, with a docstring."
@@ -121,14 +129,22 @@ class Sizing:
     spec_sweep: tuple[int, ...]
     kv_fill_tokens: int
     ab_rounds: int
+    overlap: bool
+    """Measure with the patched build while the vanilla one compiles (at a lower priority). On a GPU the servers
+    need little CPU; on a few cores their threads and the compilers share them and decoding crawls (1 token/s
+    for a 70M model on 2 cores, measured), so there the check builds both first."""
 
 
 SIZINGS = {
     "cuda": Sizing(budget_s=480, build_s=330, models_s=60, identity_s=60, kv_s=75, ab_s=100, spec_s=75,
-                   shape="8b", n_predict=128, spec_sweep=(2, 4, 8, 16), kv_fill_tokens=4096, ab_rounds=2),
-    "cpu": Sizing(budget_s=1800, build_s=900, models_s=120, identity_s=240, kv_s=180, ab_s=300, spec_s=240,
-                  shape="8b-4layers", n_predict=24, spec_sweep=(2, 8), kv_fill_tokens=512, ab_rounds=1),
+                   shape="8b", n_predict=128, spec_sweep=(2, 4, 8, 16), kv_fill_tokens=4096, ab_rounds=2,
+                   overlap=True),
+    "cpu": Sizing(budget_s=2400, build_s=900, models_s=120, identity_s=240, kv_s=180, ab_s=300, spec_s=240,
+                  shape="8b-4layers", n_predict=24, spec_sweep=(2, 8), kv_fill_tokens=512, ab_rounds=1,
+                  overlap=False),
 }
+# How much lower the vanilla build runs than the check while stages measure beside it.
+BUILD_NICENESS = 10
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -396,7 +412,9 @@ def _spec_md(data: Mapping[str, Mapping[str, Any]]) -> list[str]:
         return []
     lines = [f"Target {spec.get('target')}, draft {spec.get('draft')}; {spec.get('reps')} alternating reps of "
              f"{spec.get('prompts')} prompts x {spec.get('n_predict')} tokens.", "",
-             "| variant | decode tok/s | vs plain | acceptance | drafted | same text as plain |",
+             "Speed is compared with plain decoding (`plain`), text with plain decoding on the kernels speculation "
+             "runs on (`plain-bi`, where the build has them).", "",
+             "| variant | decode tok/s | vs plain | acceptance | drafted | same text as plain-bi |",
              "|---|---:|---:|---:|---:|---|"]
     for name, v in variants.items():
         lines.append(f"| {name} | {_fmt(v.get('tps'))} | {_fmt(v.get('vs_plain'), '', 3)} | "
@@ -510,7 +528,6 @@ class Context:
     paths: Paths
     arch: tuple[str, ...]
     jobs: int | None
-    overlap: bool
     hw: hardware.HardwareInfo | None = None
     source_spec: str = ""
     real_model: Path | None = None
@@ -529,6 +546,25 @@ class Context:
 
     def server_binaries(self) -> list[Path]:
         return [b.directory / "bin" / "llama-server" for b in self.built.values()]
+
+
+def nvidia_smi(fields: str, *, with_units: bool = False) -> str:
+    """``nvidia-smi --query-gpu=FIELDS`` as CSV (the first GPU's line first); empty when it cannot answer."""
+    units = "csv,noheader" if with_units else "csv,noheader,nounits"
+    try:
+        result = proc.run(["nvidia-smi", f"--query-gpu={fields}", f"--format={units}"], check=False, timeout=30)
+    except VelollmError:  # not installed
+        return ""
+    return result.output.strip() if result.returncode == 0 else ""
+
+
+def cublas_files() -> list[str]:
+    """cuBLAS libraries and headers on this machine, for the report: a CUDA build that fails to link says why."""
+    found = [p for pattern in CUBLAS_GLOBS for p in Path("/").glob(pattern.lstrip("/"))]
+    for entry in sys.path:
+        found += Path(entry).glob("nvidia/*/lib/libcublas.so*")
+        found += Path(entry).glob("nvidia/*/include/cublas_v2.h")
+    return sorted({str(p) for p in found})
 
 
 def _read_prepared(prepared: Path) -> dict[str, Any]:
@@ -561,10 +597,11 @@ def stage_setup(ctx: Context, manifest: dict[str, Any]) -> StageBody:
         data["source"] = source.fetch(ctx.source_spec, ctx.paths).to_dict()
         data["hardware"] = ctx.hw.to_dict()
         if ctx.gpu == "cuda":
+            data["nvidia_smi"] = nvidia_smi("name,memory.total,memory.used,driver_version", with_units=True)
+            # where CMake may find cuBLAS, which the CUDA build links: the toolkit, or the pip wheel (nvidia-cublas)
+            data["cublas"] = cublas_files()
             if not ctx.hw.toolchain.nvcc.present:
                 raise VelollmError("nvcc was not found (looked on PATH, CUDA_HOME and /usr/local/cuda)")
-            data["nvidia_smi"] = proc.run(["nvidia-smi", "--query-gpu=name,memory.total,memory.used,driver_version",
-                                           "--format=csv,noheader"], timeout=min(30, deadline.left())).output.strip()
 
     return body
 
@@ -574,7 +611,8 @@ def stage_build(ctx: Context, flavour: str, *, niced: bool) -> StageBody:
         assert ctx.hw is not None
         if niced:
             # The measuring stages run meanwhile: the compilers (children of this thread) yield to the servers.
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            thread = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + BUILD_NICENESS))
         options = BuildOptions(
             gpu=ctx.gpu, arch=ctx.arch, patches="all" if flavour == "patched" else "none", source=ctx.source_spec,
             jobs=ctx.jobs, smoke_model=ctx.real_model, make_current=False, targets=CHECK_TARGETS,
@@ -691,10 +729,8 @@ class _DeviceMemory:
 
     @staticmethod
     def _card_used() -> int | None:
-        result = proc.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], check=False,
-                          timeout=30)
         try:
-            return int(result.output.split()[0]) * MiB if result.returncode == 0 else None
+            return int(nvidia_smi("memory.used").split()[0]) * MiB
         except (IndexError, ValueError):
             return None
 
@@ -798,29 +834,30 @@ def stage_spec(ctx: Context) -> StageBody:
         common: tuple[str, ...] = ("-c", "4096", "-np", "1", "--cache-ram", "0", "--no-warmup")
         drafting = (*common, "-md", str(draft), "--spec-type", "draft-simple", "--spec-draft-p-min", "0",
                     "--spec-draft-n-max", str(max(sweep)), *(("-ngld", "999") if ctx.gpu != "cpu" else ()))
-        plain = common
+        # "plain" is upstream's decoding, the speed reference; speculation runs the batch-invariant CPU kernels
+        # (patch 0013), so the text reference is plain decoding on those ("plain-bi"), where the build has them
+        server_args: dict[str, tuple[str, ...]] = {"plain": common}
         if read_server_flags(binary, ctx.paths).accepts("--spec-batch-invariant"):
-            # the kernels speculation runs on (patch 0013), so "same text as plain" tests losslessness
-            plain = (*common, "--spec-batch-invariant", "on")
-        requests: dict[str, dict[str, Any]] = {"plain": {}}
+            server_args["plain-bi"] = (*common, "--spec-batch-invariant", "on")
+        server_args["draft"] = drafting
+        # its own server: the adaptive policy learns step times per slot, and must not learn from the fixed runs
+        server_args["adaptive"] = (*drafting, "--spec-adaptive")
+        requests: dict[str, dict[str, Any]] = {name: {} for name in server_args if name.startswith("plain")}
         requests.update({f"fixed-{n}": {"speculative": {"adaptive": False, "n_max": n}} for n in sweep})
         requests["adaptive"] = {}
         data.update(target=target.name, draft=draft.name, n_predict=ctx.sizing.n_predict, prompts=len(PROMPTS),
-                    reps=2, server_args={"plain": list(plain), "draft": list(drafting),
-                                         "adaptive": [*drafting, "--spec-adaptive"]})
+                    reps=2, server_args={name: list(args) for name, args in server_args.items()})
         servers: dict[str, serve.RunningServer] = {}
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in requests}
         try:
-            servers["plain"] = _start(ctx, binary, target, plain, "spec-plain", deadline)
-            servers["draft"] = _start(ctx, binary, target, drafting, "spec-draft", deadline)
-            # its own server: the adaptive policy learns step times per slot, and must not learn from fixed runs
-            servers["adaptive"] = _start(ctx, binary, target, (*drafting, "--spec-adaptive"), "spec-adaptive", deadline)
+            for name, args in server_args.items():
+                servers[name] = _start(ctx, binary, target, args, f"spec-{name}", deadline)
             for server in servers.values():
                 _complete(server, PROMPTS[0], 8, deadline)  # warm-up
             order = list(requests)
             for rep in range(2):  # alternating order: a drift of the machine favours no variant
                 for name in order if rep % 2 == 0 else reversed(order):
-                    server = servers[name if name in ("plain", "adaptive") else "draft"]
+                    server = servers[name if name in servers else "draft"]
                     runs[name].append(_spec_run(server, ctx.sizing.n_predict, deadline, requests[name]))
         finally:
             for server in servers.values():
@@ -849,9 +886,10 @@ def _spec_run(server: serve.RunningServer, n_predict: int, deadline: Deadline, e
 
 
 def summarize_spec(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per variant: decode tokens/s over all its runs, the ratio to plain decoding, draft acceptance, and whether
-    every text equals plain decoding's (lossless speculation)."""
-    plain_runs = runs.get("plain") or ()
+    """Per variant: decode tokens/s over all its runs, the ratio to plain decoding's ("plain"), draft acceptance,
+    and whether every text equals plain decoding's on the kernels speculation uses ("plain-bi" where it ran,
+    else "plain"): lossless speculation."""
+    plain_runs = runs.get("plain-bi") or runs.get("plain") or ()
     plain_texts = plain_runs[0]["texts"] if plain_runs else None
     out: dict[str, dict[str, Any]] = {}
     for name, variant_runs in runs.items():
@@ -880,15 +918,14 @@ def _device_summary(stages: Mapping[str, StageResult]) -> dict[str, str]:
 
 
 def check(gpu: str, prepared: Path, out: Path, home: Path, *, budget_s: float | None = None, shape: str | None = None,
-          arch: tuple[str, ...] = (), jobs: int | None = None, overlap: bool = True,
+          arch: tuple[str, ...] = (), jobs: int | None = None, overlap: bool | None = None,
           echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage within the budget and write the reports (after each stage); returns the report."""
     base = SIZINGS[gpu]
-    sizing = Sizing(**{**asdict(base), **({"budget_s": budget_s} if budget_s else {}),
-                       **({"shape": shape} if shape else {})})
+    chosen = {"budget_s": budget_s, "shape": shape, "overlap": overlap}
+    sizing = Sizing(**{**asdict(base), **{k: v for k, v in chosen.items() if v is not None}})
     os.environ["VELOLLM_HOME"] = str(home)  # what library calls that read the paths themselves see
-    ctx = Context(gpu=gpu, sizing=sizing, prepared=prepared.resolve(), out=out, paths=get_paths(), arch=arch, jobs=jobs,
-                  overlap=overlap)
+    ctx = Context(gpu=gpu, sizing=sizing, prepared=prepared.resolve(), out=out, paths=get_paths(), arch=arch, jobs=jobs)
     budget = Budget(sizing.budget_s)
     stages: dict[str, StageResult] = {}
     lock = threading.Lock()
@@ -915,9 +952,10 @@ def check(gpu: str, prepared: Path, out: Path, home: Path, *, budget_s: float | 
     def build_all() -> None:
         for flavour in FLAVOURS:
             try:
-                niced = flavour == "vanilla" and ctx.overlap
-                # vanilla's build must leave time for the stages that need it after it
-                keep = sizing.identity_s + sizing.kv_s if flavour == "vanilla" else 0.0
+                niced = flavour == "vanilla" and sizing.overlap
+                # vanilla's build must leave time for the stages that run after it
+                after = sizing.identity_s + sizing.kv_s + (0 if sizing.overlap else sizing.spec_s + sizing.ab_s)
+                keep = after if flavour == "vanilla" else 0.0
                 record(run_stage(f"build-{flavour}", stage_build(ctx, flavour, niced=niced), budget=budget,
                                  wanted_s=sizing.build_s, keep_s=keep, needs={"setup": setup}))
             finally:
@@ -932,7 +970,7 @@ def check(gpu: str, prepared: Path, out: Path, home: Path, *, budget_s: float | 
         ctx.build_done[flavour].wait(budget.left())
         return stages.get(f"build-{flavour}")
 
-    if not ctx.overlap:
+    if not sizing.overlap:
         wait_for("vanilla")
     patched = wait_for("patched")
     servers = ctx.server_binaries
@@ -969,14 +1007,15 @@ def _overall(stages: Mapping[str, StageResult]) -> str:
 @click.option("--out", type=click.Path(path_type=Path), help="Where gpu-check.json and gpu-check.md go.")
 @click.option("--home", type=click.Path(path_type=Path), default=Path("/tmp/velollm-gpu-check"), show_default=True,
               help="VELOLLM_HOME of the check: its builds, models and logs.")
-@click.option("--budget-s", type=float, help="Seconds for the whole check (default: 480 on cuda, 1800 on cpu).")
+@click.option("--budget-s", type=float, help="Seconds for the whole check (default: 480 on cuda, 2400 on cpu).")
 @click.option("--shape", type=click.Choice(sorted(gcm.SHAPES)), help="The synthetic model's shape.")
 @click.option("--arch", multiple=True, help="CUDA compute capability, e.g. 9.0 (default: the detected GPU's).")
 @click.option("--jobs", type=int, help="Compile jobs per build (default: every core).")
-@click.option("--no-overlap", is_flag=True, help="Build both before measuring (cleaner timings, fewer minutes).")
+@click.option("--overlap/--no-overlap", default=None,
+              help="Measure with the patched build while vanilla compiles (default: on cuda, not on cpu).")
 @click.pass_context
 def main(ctx: click.Context, gpu: str | None, prepared: Path, out: Path | None, home: Path, budget_s: float | None,
-         shape: str | None, arch: tuple[str, ...], jobs: int | None, no_overlap: bool) -> None:
+         shape: str | None, arch: tuple[str, ...], jobs: int | None, overlap: bool | None) -> None:
     """Build the series and measure it on this machine from a prepared folder (see `prepare`)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -986,7 +1025,7 @@ def main(ctx: click.Context, gpu: str | None, prepared: Path, out: Path | None, 
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         report = check(gpu, prepared, out, home.resolve(), budget_s=budget_s, shape=shape, arch=arch, jobs=jobs,
-                       overlap=not no_overlap, echo=click.echo)
+                       overlap=overlap, echo=click.echo)
     finally:
         stop_descendants()
     click.echo(f"report: {out / REPORT_MD} ({report.get('status')})")

@@ -134,6 +134,11 @@ def test_summarize_spec_rates_acceptance_and_losslessness() -> None:
     assert (summary["fixed-4"]["tps"], summary["fixed-4"]["acceptance"], summary["fixed-4"]["vs_plain"]) == (
         200.0, 0.75, 2.0)
     assert summary["adaptive"]["same_as_plain"] is False and summary["adaptive"]["acceptance"] == 0.9
+    # with the batch-invariant kernels' plain run, texts are compared with it; speed still with upstream's plain
+    with_bi = gc.summarize_spec({"plain": [run(100, 1000, 0, 0, "upstream")], "plain-bi": [run(100, 1250, 0, 0, "a")],
+                                 "fixed-4": [run(100, 500, 80, 60, "a")]})
+    assert (with_bi["plain"]["same_as_plain"], with_bi["fixed-4"]["same_as_plain"]) == (False, True)
+    assert (with_bi["plain-bi"]["vs_plain"], with_bi["fixed-4"]["vs_plain"]) == (0.8, 2.0)
 
 
 def _report() -> dict[str, Any]:
