@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,9 @@ def test_trimmed_export_keeps_its_commit_for_a_path_source(tmp_path: Path, tmp_p
     shipped = source.Source(spec="pypi:llama-cpp-python==0.3.36", tree=tree, commit=commit, llama_version="1.2.3",
                             sdist_sha256=None, fetched_at="now")
     tarball = source.export_trimmed(shipped, tmp_path / "out" / "tree.tar.gz")
+    time.sleep(1.1)  # a gzip header or a marker stamped with the time would differ now
+    again = source.export_trimmed(shipped, tmp_path / "again" / "tree.tar.gz")
+    assert tarball.read_bytes() == again.read_bytes()  # the same tree, the same bytes: builds from it are reused
     with tarfile.open(tarball) as tar:
         tar.extractall(tmp_path / "unpacked", filter="data")
     unpacked = tmp_path / "unpacked" / f"llama.cpp-{commit[:7]}"

@@ -13,6 +13,7 @@ A fetched tree is never modified; builds patch a fresh copy (:func:`fresh_copy`)
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -207,12 +208,18 @@ def export_trimmed(source: Source, out: Path, tree: Path | None = None) -> Path:
     marker = json.dumps(
         {"commit": source.commit, "llama_version": source.llama_version, "exported_from": source.spec}, indent=2
     ).encode() + b"\n"
-    with tarfile.open(tmp, "w:gz", compresslevel=9) as tar:
+    # The same tree gives the same bytes (no time stamp in the gzip header or the marker), so a machine that
+    # was sent the tarball before recognizes it, and builds made from it are reused.
+    with (
+        tmp.open("wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as compressed,
+        tarfile.open(fileobj=compressed, mode="w") as tar,
+    ):
         for rel in TRIMMED_PATHS:
             if (root / rel).exists():
                 tar.add(root / rel, arcname=f"{prefix}/{rel}", filter=_skip_bulk)
         info = tarfile.TarInfo(f"{prefix}/{EXPORT_MARKER}")
-        info.size, info.mode, info.mtime = len(marker), 0o644, int(datetime.now(UTC).timestamp())
+        info.size, info.mode, info.mtime = len(marker), 0o644, int((root / "CMakeLists.txt").stat().st_mtime)
         tar.addfile(info, io.BytesIO(marker))
     os.replace(tmp, out)
     return out
