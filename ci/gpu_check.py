@@ -933,6 +933,7 @@ def check(gpu: str, prepared: Path, out: Path, home: Path, *, budget_s: float | 
                               "created": datetime.now(UTC).isoformat(timespec="seconds"), "sizing": asdict(sizing)}
 
     def record(result: StageResult) -> StageResult:
+        """Keep a stage's result and rewrite the reports with it (the builds' thread records too)."""
         with lock:
             stages[result.name] = result
             report.update(stages=[asdict(s) for s in stages.values()], elapsed_s=round(budget.elapsed(), 1),
@@ -946,6 +947,22 @@ def check(gpu: str, prepared: Path, out: Path, home: Path, *, budget_s: float | 
     except VelollmError as exc:
         record(StageResult("setup", "failed", detail=str(exc)))
         return report
+    try:
+        _run_stages(ctx, manifest, budget, stages, report, record)
+    except KeyboardInterrupt:  # Ctrl-C or kill: the reports say so, with every stage recorded before it
+        with lock:
+            report.update(status="interrupted", elapsed_s=round(budget.elapsed(), 1))
+            write_reports(report, out)
+        raise
+    return report
+
+
+def _run_stages(
+    ctx: Context, manifest: dict[str, Any], budget: Budget, stages: dict[str, StageResult], report: dict[str, Any],
+    record: Callable[[StageResult], StageResult],
+) -> None:
+    """The stages in their order: the builds in a thread of their own, the models and measurements here."""
+    sizing = ctx.sizing
     report["prepared"] = manifest
     setup = record(run_stage("setup", stage_setup(ctx, manifest), budget=budget, wanted_s=120))
 
@@ -956,8 +973,12 @@ def check(gpu: str, prepared: Path, out: Path, home: Path, *, budget_s: float | 
                 # vanilla's build must leave time for the stages that run after it
                 after = sizing.identity_s + sizing.kv_s + (0 if sizing.overlap else sizing.spec_s + sizing.ab_s)
                 keep = after if flavour == "vanilla" else 0.0
+                # every stage that uses vanilla compares it with patched: without patched it is not worth minutes
+                needs: dict[str, StageResult | None] = {"setup": setup}
+                if flavour == "vanilla":
+                    needs["build-patched"] = stages.get("build-patched")
                 record(run_stage(f"build-{flavour}", stage_build(ctx, flavour, niced=niced), budget=budget,
-                                 wanted_s=sizing.build_s, keep_s=keep, needs={"setup": setup}))
+                                 wanted_s=sizing.build_s, keep_s=keep, needs=needs))
             finally:
                 ctx.build_done[flavour].set()
 
@@ -987,7 +1008,6 @@ def check(gpu: str, prepared: Path, out: Path, home: Path, *, budget_s: float | 
     record(run_stage("kv", stage_kv(ctx), budget=budget, wanted_s=sizing.kv_s,
                      needs={"build-patched": patched, "models": models_stage},
                      on_timeout=lambda: stop_servers_of(servers())()))
-    return report
 
 
 def _overall(stages: Mapping[str, StageResult]) -> str:
@@ -1026,6 +1046,9 @@ def main(ctx: click.Context, gpu: str | None, prepared: Path, out: Path | None, 
     try:
         report = check(gpu, prepared, out, home.resolve(), budget_s=budget_s, shape=shape, arch=arch, jobs=jobs,
                        overlap=overlap, echo=click.echo)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: the reports in {out} hold the stages recorded before")
+        sys.exit(130)
     finally:
         stop_descendants()
     click.echo(f"report: {out / REPORT_MD} ({report.get('status')})")
