@@ -106,17 +106,29 @@ def write_synthetic_llama(path: Path, shape: LlamaShape, tokenizer_from: Path, *
     source = GGUFReader(tokenizer_from)
     n_vocab = _vocab_size(source)
     kv_width = shape.n_head_kv * shape.head_dim
+    # (name, rows, fan-in) of every matrix, in file order
+    matrices = [("token_embd", n_vocab, shape.n_embd), ("output", n_vocab, shape.n_embd)]
+    for i in range(shape.n_layers):
+        matrices += [
+            (f"blk.{i}.attn_q", shape.n_embd, shape.n_embd), (f"blk.{i}.attn_k", kv_width, shape.n_embd),
+            (f"blk.{i}.attn_v", kv_width, shape.n_embd), (f"blk.{i}.attn_output", shape.n_embd, shape.n_embd),
+            (f"blk.{i}.ffn_gate", shape.n_ff, shape.n_embd), (f"blk.{i}.ffn_up", shape.n_ff, shape.n_embd),
+            (f"blk.{i}.ffn_down", shape.n_embd, shape.n_ff),
+        ]  # fmt: skip
     rng = np.random.default_rng(seed)
-    # Weights of standard deviation 1/sqrt(fan-in) keep activations near unit size through every layer.
-    largest = max(n_vocab, shape.n_ff) * shape.n_embd // Q4_0_BLOCK_VALUES
+    # Weights of standard deviation 1/sqrt(fan-in) keep activations near unit size through every layer. A pool
+    # per fan-in, twice its largest matrix, so that matrices cut at random offsets differ.
+    most_rows: dict[int, int] = {}
+    for _, rows, fan_in in matrices:
+        most_rows[fan_in] = max(rows, most_rows.get(fan_in, 0))
     pools = {
-        fan_in: _q4_0_pool(rng, 2 * largest, 1.0 / (Q4_0_CODE_STD * fan_in**0.5))
-        for fan_in in sorted({shape.n_embd, shape.n_ff})
+        fan_in: _q4_0_pool(rng, 2 * rows * fan_in // Q4_0_BLOCK_VALUES, 1.0 / (Q4_0_CODE_STD * fan_in**0.5))
+        for fan_in, rows in sorted(most_rows.items())
     }
 
     def matrix(rows: int, fan_in: int) -> np.ndarray:
         n_blocks = rows * fan_in // Q4_0_BLOCK_VALUES
-        start = int(rng.integers(0, len(pools[fan_in]) - n_blocks + 1))  # tensors differ, layers too
+        start = int(rng.integers(0, len(pools[fan_in]) - n_blocks + 1))  # matrices differ, layers too
         return pools[fan_in][start:start + n_blocks].reshape(rows, -1)
 
     ones = np.ones(shape.n_embd, dtype=np.float32)
@@ -137,17 +149,10 @@ def write_synthetic_llama(path: Path, shape: LlamaShape, tokenizer_from: Path, *
     writer.add_vocab_size(n_vocab)
     for key, value, vtype, sub_type in tokenizer_fields(source):
         writer.add_key_value(key, value, vtype, sub_type)
-    writer.add_tensor("token_embd.weight", matrix(n_vocab, shape.n_embd), raw_dtype=Q4_0)
+    for name, rows, fan_in in matrices:
+        writer.add_tensor(f"{name}.weight", matrix(rows, fan_in), raw_dtype=Q4_0)
     writer.add_tensor("output_norm.weight", ones)
-    writer.add_tensor("output.weight", matrix(n_vocab, shape.n_embd), raw_dtype=Q4_0)
     for i in range(shape.n_layers):
-        for name, rows, fan_in in (
-            ("attn_q", shape.n_embd, shape.n_embd), ("attn_k", kv_width, shape.n_embd),
-            ("attn_v", kv_width, shape.n_embd), ("attn_output", shape.n_embd, shape.n_embd),
-            ("ffn_gate", shape.n_ff, shape.n_embd), ("ffn_up", shape.n_ff, shape.n_embd),
-            ("ffn_down", shape.n_embd, shape.n_ff),
-        ):  # fmt: skip
-            writer.add_tensor(f"blk.{i}.{name}.weight", matrix(rows, fan_in), raw_dtype=Q4_0)
         writer.add_tensor(f"blk.{i}.attn_norm.weight", ones)
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
     _write(writer)

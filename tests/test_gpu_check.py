@@ -212,6 +212,9 @@ def test_synthetic_llama_has_the_shape_asked_for_and_the_tokenizer_given(tmp_pat
         assert abs(values.std() * fan_in**0.5 - 1) < 0.1
     layer_0 = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
     assert not np.array_equal(np.asarray(layer_0.data), np.asarray(q.data))  # layers are not copies of one another
+    square = gcm.LlamaShape(n_layers=1, n_embd=256, n_head=4, n_head_kv=2, n_ff=256, n_ctx_train=512)  # one pool
+    square_model = gcm.write_synthetic_llama(tmp_path / "square.gguf", square, tmp_path / "vocab.gguf")
+    assert inspect_model(square_model).n_layers == 1
     with pytest.raises(ValueError, match="multiples of 32"):
         gcm.write_synthetic_llama(tmp_path / "bad.gguf", gcm.LlamaShape(1, 100, 4, 2, 256, 512),
                                   tmp_path / "vocab.gguf")
