@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import recorded_hardware
-from velollm_patch.build import BuildOptions, cuda_arch, plan_build
+from velollm_patch.build import TARGETS, BuildOptions, cuda_arch, plan_build
 from velollm_patch.errors import VelollmError
 from velollm_patch.hardware import HardwareInfo, Tool
 from velollm_patch.paths import Paths
@@ -152,5 +152,6 @@ def test_only_the_asked_targets_are_built_and_llama_server_always(tmp_paths: Pat
     some = plan_build(BuildOptions(gpu="cpu", targets=("llama-fit-params",)), hw, tmp_paths, fetch=False)
     assert some.targets == ("llama-server", "llama-fit-params")
     assert some.build_id != full.build_id  # another set of binaries is another build
+    assert plan_build(BuildOptions(gpu="cpu", targets=TARGETS), hw, tmp_paths, fetch=False).build_id == full.build_id
     with pytest.raises(VelollmError, match="unknown build target llama-cli: choose from llama-server"):
         plan_build(BuildOptions(gpu="cpu", targets=("llama-cli",)), hw, tmp_paths, fetch=False)

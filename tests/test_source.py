@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
-from velollm_patch import source
+from velollm_patch import patches, proc, source
+from velollm_patch.build import BuildOptions, plan_build
 from velollm_patch.errors import VelollmError
+from velollm_patch.hardware import HardwareInfo
 from velollm_patch.paths import Paths
 
 
@@ -100,3 +103,51 @@ def test_git_source_from_a_local_repository(tmp_path: Path, tmp_paths: Paths) ->
     assert source.fetch(f"git:{repo}@b1", tmp_paths) == fetched  # second fetch is the cache
     with pytest.raises(VelollmError, match="could not fetch nope"):
         source.fetch(f"git:{repo}@nope", tmp_paths)
+
+
+def test_trimmed_export_keeps_its_commit_for_a_path_source(tmp_path: Path, tmp_paths: Paths) -> None:
+    # A trimmed tree shipped to another machine has no .git: the export records the upstream commit, so a
+    # path: source of the unpacked tree can still be matched to its patch series there.
+    tree = tmp_path / "tree"
+    (tree / "ggml").mkdir(parents=True)
+    (tree / "src").mkdir()
+    (tree / "src" / "llama.cpp").write_text("int main;\n")
+    (tree / "CMakeLists.txt").write_text('set(LLAMA_VERSION "1.2.3")\n')
+    commit = source.PINS[source.DEFAULT_PIN].commit
+    shipped = source.Source(spec="pypi:llama-cpp-python==0.3.36", tree=tree, commit=commit, llama_version="1.2.3",
+                            sdist_sha256=None, fetched_at="now")
+    tarball = source.export_trimmed(shipped, tmp_path / "out" / "tree.tar.gz")
+    time.sleep(1.1)  # a gzip header or a marker stamped with the time would differ now
+    again = source.export_trimmed(shipped, tmp_path / "again" / "tree.tar.gz")
+    assert tarball.read_bytes() == again.read_bytes()  # the same tree, the same bytes: builds from it are reused
+    with tarfile.open(tarball) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    unpacked = tmp_path / "unpacked" / f"llama.cpp-{commit[:7]}"
+    assert (unpacked / "src" / "llama.cpp").read_text() == "int main;\n"
+    assert source.fetch(f"path:{unpacked}", tmp_paths).commit == commit
+    (unpacked / source.EXPORT_MARKER).write_text('{"commit": "not a commit"}')
+    assert source.fetch(f"path:{unpacked}", tmp_paths).commit is None
+
+
+@pytest.mark.slow
+def test_the_trimmed_export_of_the_pin_is_patched_and_configured_from_a_path_source(
+    paths: Paths, live_hardware: HardwareInfo, tmp_path: Path
+) -> None:
+    # What another machine gets: the tarball alone, unpacked, as a path: source. tools/CMakeLists.txt adds every
+    # tool's directory, so a trimmed tree without one of them failed to configure, and one without
+    # scripts/ui-assets.cmake failed to build llama-server.
+    tarball = source.export_trimmed(source.fetch(source.DEFAULT_SOURCE, paths), tmp_path / "tree.tar.gz")
+    with tarfile.open(tarball) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    plan = plan_build(BuildOptions(gpu="cpu", source=f"path:{unpacked}"), live_hardware, paths)
+    assert plan.selected and plan.source.commit == source.PINS[source.DEFAULT_PIN].commit
+    tree = source.fresh_copy(plan.source, tmp_path / "patched")
+    assert plan.series is not None
+    patches.apply(plan.series, plan.selected, tree)
+    generator_free = [a for a in plan.cmake_args if not a.startswith("-G")]
+    configured = proc.run(["cmake", "-S", tree, "-B", tmp_path / "build", *generator_free], check=False, timeout=600)
+    assert configured.returncode == 0, configured.tail()
+    # the one build step that reads a file outside the trimmed directories: embedding the web UI in the server
+    ui = proc.run(["cmake", "--build", tmp_path / "build", "--target", "llama-ui-assets"], check=False, timeout=600)
+    assert ui.returncode == 0, ui.tail()

@@ -64,6 +64,7 @@ class BuildOptions:
     smoke_model: Path | None = None  # GGUF for the smoke test (default: the demo model)
     make_current: bool = True
     targets: tuple[str, ...] = TARGETS  # a subset saves compile time; llama-server is always built
+    timeout_s: float | None = None  # configure + compile; past it the build stops and nothing is installed
 
 
 @dataclass(frozen=True)
@@ -350,9 +351,11 @@ def _build_and_install(
         report("configuring", 0, 0)
         build_dir = work / "build"
         env = {**plan.env, "CCACHE_BASEDIR": str(work), "CCACHE_NOHASHDIR": "1"}
+        limit = plan.options.timeout_s
         proc.run(["cmake", "-S", tree, "-B", build_dir, *plan.cmake_args], env=env, log_file=log_file,
-                 on_line=on_line, what="cmake configure")
-        _compile(plan, build_dir, env, log_file, report, on_line)
+                 on_line=on_line, what="cmake configure", timeout=limit)
+        left = None if limit is None else max(1.0, limit - (time.monotonic() - started))
+        _compile(plan, build_dir, env, log_file, report, on_line, left)
         report("smoke test", 0, 0)
         _stage(plan, hw, build_dir, staging, started)
         smoke_test(staging, plan.patch_level, plan.options.smoke_model or _default_model(paths), log_file)
@@ -369,7 +372,7 @@ def _build_and_install(
 
 def _compile(
     plan: BuildPlan, build_dir: Path, env: dict[str, str], log_file: Path, report: ProgressCallback,
-    on_line: Callable[[str], None] | None,
+    on_line: Callable[[str], None] | None, timeout: float | None,
 ) -> None:
     step = re.compile(r"^\[(\d+)/(\d+)\]")  # ninja's "[n/N]" (make prints "[ 42%]", handled below)
     percent = re.compile(r"^\[\s*(\d+)%\]")
@@ -385,7 +388,7 @@ def _compile(
     proc.run(
         ["cmake", "--build", build_dir, "--config", plan.options.build_type, "-j", str(plan.jobs),
          "--target", *plan.targets],
-        env=env, log_file=log_file, on_line=follow, what="build",
+        env=env, log_file=log_file, on_line=follow, what="build", timeout=timeout,
     )
 
 

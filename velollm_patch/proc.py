@@ -3,10 +3,13 @@ line to a callback (progress bars read ``[n/N]`` from it) and kept in a log file
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -93,15 +96,24 @@ def _run_streaming(
     kept: deque[str] = deque(maxlen=2000)
     # line-buffered so `tail -f` on a build log follows the build
     log_handle = log_file.open("a", encoding="utf-8", buffering=1) if log_file else None
+    timed_out = threading.Event()
     try:
         if log_handle:
             log_handle.write(f"$ {format_command(argv)}\n")
             log_handle.flush()
+        # Its own process group, so that a timeout or Ctrl-C ends what it started too (cmake --build runs
+        # ninja, which runs the compilers: killing cmake alone left them compiling). No terminal input: a
+        # process group other than the foreground one would be stopped if it read the terminal.
         with subprocess.Popen(
-            argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, errors="replace", bufsize=1,
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, errors="replace", bufsize=1, process_group=0,
         ) as proc:
+            # The output loop blocks until the command closes its output, so the timeout is a timer.
+            watchdog = threading.Timer(timeout, _kill_group, (proc, timed_out)) if timeout is not None else None
             try:
+                if watchdog is not None:
+                    watchdog.daemon = True
+                    watchdog.start()
                 assert proc.stdout is not None
                 for line in proc.stdout:
                     kept.append(line)
@@ -109,13 +121,26 @@ def _run_streaming(
                         log_handle.write(line)
                     if on_line:
                         on_line(line.rstrip("\n"))
-                returncode = proc.wait(timeout=timeout)
+                returncode = proc.wait()
             except BaseException:
-                # Ctrl-C or a callback error: do not leave the child running behind us.
-                proc.kill()
+                # Ctrl-C or a callback error: do not leave the command or its children running behind us.
+                _kill_group(proc, None)
                 proc.wait()
                 raise
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
     finally:
         if log_handle:
             log_handle.close()
+    if timed_out.is_set():
+        assert timeout is not None
+        raise subprocess.TimeoutExpired(argv, timeout, output="".join(kept))
     return Result(argv, returncode, "".join(kept))
+
+
+def _kill_group(proc: subprocess.Popen[str], flag: threading.Event | None) -> None:
+    if flag is not None:
+        flag.set()
+    with contextlib.suppress(ProcessLookupError):  # already gone, with every process of its group
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -13,7 +13,9 @@ A fetched tree is never modified; builds patch a fresh copy (:func:`fresh_copy`)
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -53,12 +55,16 @@ DEFAULT_SOURCE = f"pypi:llama-cpp-python=={DEFAULT_PIN}"
 SDIST_PACKAGE = "llama-cpp-python"
 VENDOR_DIR = "vendor/llama.cpp"
 
-# What a build of our targets needs; everything else (docs, models, tests, UI sources) stays behind.
+# What a build of our targets needs; everything else (docs, models, tests, UI sources) stays behind. All of
+# tools/: its CMakeLists.txt adds every tool's directory, and configuring fails on any one missing (the small
+# ones add ~0.2 MB to the tarball); the script that embeds the web UI into llama-server.
 TRIMMED_PATHS = (
-    "CMakeLists.txt", "cmake", "common", "ggml", "include", "src", "vendor", "licenses", "LICENSE",
-    "tools/CMakeLists.txt", "tools/server", "tools/llama-bench", "tools/perplexity", "tools/quantize",
-    "tools/fit-params", "tools/mtmd", "tools/cli", "tools/ui",
+    "CMakeLists.txt", "cmake", "common", "ggml", "include", "src", "vendor", "licenses", "LICENSE", "tools",
+    "scripts/ui-assets.cmake",
 )
+# Written into a trimmed export: the tree has no .git, and without its upstream commit a ``path:`` source of
+# it could not be patched (the series is chosen by commit) on the machine it was shipped to.
+EXPORT_MARKER = "velollm-source.json"
 
 
 @dataclass(frozen=True)
@@ -199,10 +205,22 @@ def export_trimmed(source: Source, out: Path, tree: Path | None = None) -> Path:
     ensure_dir(out.parent)
     tmp = out.with_name(out.name + ".partial")
     prefix = f"llama.cpp-{source.short_commit or 'local'}"
-    with tarfile.open(tmp, "w:gz", compresslevel=9) as tar:
+    marker = json.dumps(
+        {"commit": source.commit, "llama_version": source.llama_version, "exported_from": source.spec}, indent=2
+    ).encode() + b"\n"
+    # The same tree gives the same bytes (no time stamp in the gzip header or the marker), so a machine that
+    # was sent the tarball before recognizes it, and builds made from it are reused.
+    with (
+        tmp.open("wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as compressed,
+        tarfile.open(fileobj=compressed, mode="w") as tar,
+    ):
         for rel in TRIMMED_PATHS:
             if (root / rel).exists():
                 tar.add(root / rel, arcname=f"{prefix}/{rel}", filter=_skip_bulk)
+        info = tarfile.TarInfo(f"{prefix}/{EXPORT_MARKER}")
+        info.size, info.mode, info.mtime = len(marker), 0o644, int((root / "CMakeLists.txt").stat().st_mtime)
+        tar.addfile(info, io.BytesIO(marker))
     os.replace(tmp, out)
     return out
 
@@ -308,10 +326,21 @@ def _local_source(spec: SourceSpec) -> Source:
         result = proc.run(["git", "-C", tree, "rev-parse", "HEAD"], check=False)
         if result.returncode == 0:
             commit = result.output.strip()
+    elif (tree / EXPORT_MARKER).is_file():
+        commit = _exported_commit(tree / EXPORT_MARKER)
     return Source(
         spec=str(spec), tree=tree, commit=commit, llama_version=_llama_version(tree),
         sdist_sha256=None, fetched_at=_now(),
     )
+
+
+def _exported_commit(marker: Path) -> str | None:
+    """The upstream commit a trimmed export recorded; None when the marker is unreadable or says none."""
+    try:
+        commit = json.loads(marker.read_text(encoding="utf-8")).get("commit")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return commit if isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{7,40}", commit) else None
 
 
 def _llama_version(tree: Path) -> str | None:
