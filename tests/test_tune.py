@@ -822,6 +822,8 @@ def test_q4_1_matrices_repacked_on_avx2(
     0.00283 and 0.00277.)"""
     if CPU_REPACK_Q4_1_PATCH not in real_facts.patches or not live_hardware.cpu.has("avx2"):
         pytest.skip("needs an x86 CPU with AVX2 and a build with the Q4_1 repacking patch")
+    if real_facts.amx:  # seen on a Xeon guest: CPU_REPACK held 0 bytes with the switch on and off
+        pytest.skip("an AMX build's AMX buffer takes Q4_1 matrices before the CPU_REPACK buffer")
     q4_1_bytes = smollm2.q4_1_matrix_bytes
     text = _code_edit_text(tmp_path)
     reference, logits = tmp_path / "dequantized.gguf", tmp_path / "reference.kld"
