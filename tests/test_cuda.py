@@ -311,3 +311,35 @@ def test_cli_refuses_in_one_line_and_builds_nothing(tmp_path: Path, release: str
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
     assert not (tmp_path / "home/data/builds").exists() and not (tmp_path / "home/cache/work").exists()
+
+
+# --- the CI lane (ci/cuda_compile.py); its real compile is too long for the suite ---------------
+
+
+def test_ci_lane_refuses_a_too_old_toolkit_in_one_line(tmp_path: Path) -> None:
+    env = _fake_nvcc_on_path(tmp_path, "11.8")
+    result = subprocess.run(
+        [sys.executable, "-m", "ci.cuda_compile", "--arch", "8.9", "--home", str(tmp_path / "home")],
+        capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
+    assert result.stderr.startswith("error: nvcc 11.8 (") and "CUDA toolkit 12.4 or newer" in result.stderr
+    assert not (tmp_path / "home/data").exists()
+
+
+def test_ci_lane_report_says_what_was_built_and_how_long_it_took(tmp_path: Path, tmp_paths: Paths) -> None:
+    from ci import cuda_compile
+
+    hw = recorded_hardware("cpu-2core")
+    plan = plan_for(hw, tmp_paths, make_toolkit(tmp_path), gpu="cuda", arch=("8.9",))
+    report = cuda_compile.build_report(plan, hw, arch="8.9", patches="all", wall_seconds=5025.04, manifest=None,
+                                       error="build failed (exit 1): nvcc died", reinstalled=False)
+    assert report["result"] == "failed" and report["wall_seconds"] == 5025.0
+    assert report["build_id"] == plan.build_id and report["cmake_args"] == list(plan.cmake_args)
+    assert report["smoke_test"]["level"] == "reduced"
+    json_file, md_file = cuda_compile.write_report(report, tmp_paths)
+    assert json_file.parent == tmp_paths.ci_reports
+    text = md_file.read_text()
+    assert text.startswith("# CI lane cuda-compile: failed") and "(83.8 min)" in text
+    assert "- error: build failed (exit 1): nvcc died" in text and "-DGGML_CUDA_NO_VMM=ON" in text
