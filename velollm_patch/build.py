@@ -240,8 +240,8 @@ def cuda_notes(toolkit: cuda.CudaToolkit) -> list[str]:
     if toolkit.driver_library is None:
         notes.append(
             "no libcuda to link (no NVIDIA driver, no toolkit stubs/): GGML_CUDA_NO_VMM=ON, so the GPU memory "
-            f"pool uses cudaMalloc instead of virtual memory; NVIDIA's cuda-driver-dev-{toolkit.major}-* "
-            "package has the stub that keeps it"
+            "pool uses cudaMalloc instead of virtual memory; the stub that keeps it is in NVIDIA's "
+            f"cuda-driver-dev-{toolkit.version.replace('.', '-')} package"
         )
     elif toolkit.driver_is_stub:
         notes.append(f"libcuda linked from the toolkit stub {toolkit.driver_library}; a driver provides it at run time")
