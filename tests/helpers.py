@@ -17,8 +17,8 @@ from velollm_patch.bench.targets import TargetInfo
 from velollm_patch.hardware import HardwareInfo
 
 HARDWARE_DATA = Path(__file__).parent / "data" / "hardware"
-NVCC_DATA = Path(__file__).parent / "data" / "nvcc"  # what CUDA 13.0.88's nvcc answered
-LIST_GPU_ARCH_13_0 = (NVCC_DATA / "13.0-list-gpu-arch.txt").read_text()
+CUDA_DATA = Path(__file__).parent / "data" / "cuda"  # what CUDA 13.0.88's tools answered
+LIST_GPU_ARCH_13_0 = (CUDA_DATA / "13.0-list-gpu-arch.txt").read_text()
 
 # The patch that repacks Q4_1 weights on x86 CPUs with AVX2. The planner needs no knowledge of it (its dry run
 # shows the repacked copies), but tests that compare kernels or buffers do.

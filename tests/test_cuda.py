@@ -1,7 +1,7 @@
 """CUDA builds without a GPU: nvcc's version and targets, where cuBLAS and libcuda come from, what the plan
 decides from them (CMake flags, the reduced smoke test), and the one-line refusals for bad input.
 
-nvcc's answers are replayed from tests/data/nvcc (recorded from CUDA 13.0.88), through a fake nvcc where
+nvcc's answers are replayed from tests/data/cuda (recorded from CUDA 13.0.88), through a fake nvcc where
 the code runs it, so these tests need no toolkit.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    CUDA_DATA,
     LIST_GPU_ARCH_13_0,
-    NVCC_DATA,
     cu13_wheel,
     make_toolkit,
     recorded_hardware,
@@ -31,7 +31,7 @@ from velollm_patch.errors import VelollmError
 from velollm_patch.hardware import HardwareInfo, Tool
 from velollm_patch.paths import Paths
 
-VERBOSE_13_0 = (NVCC_DATA / "13.0-v-dryrun.txt").read_text()
+VERBOSE_13_0 = (CUDA_DATA / "13.0-v-dryrun.txt").read_text()
 
 
 @pytest.fixture
@@ -271,7 +271,7 @@ def test_where_cublas_comes_from_is_part_of_the_build_id(tmp_path: Path, tmp_pat
 
 
 def test_readelf_dynamic_section() -> None:
-    recorded = (NVCC_DATA / "llama-server-readelf-d.txt").read_text()
+    recorded = (CUDA_DATA / "llama-server-readelf-d.txt").read_text()
     linked = parse_readelf_dynamic(recorded)
     assert {"libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13"} <= set(linked["needed"])
     assert "libcuda.so.1" not in linked["needed"]  # built with GGML_CUDA_NO_VMM: the driver is loaded by cudart
