@@ -501,7 +501,8 @@ def elf_dynamic_section(binary: Path) -> dict[str, Any] | None:
 def parse_readelf_dynamic(output: str) -> dict[str, Any]:
     needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", output)
     runpath = re.search(r"\((?:RUNPATH|RPATH)\)\s+Library r(?:un)?path: \[([^\]]*)\]", output)
-    return {"needed": needed, "runpath": runpath.group(1).split(":") if runpath else []}
+    # CMake ends a build tree's RUNPATH with ':', an empty entry that means nothing to the loader
+    return {"needed": needed, "runpath": [d for d in runpath.group(1).split(":") if d] if runpath else []}
 
 
 def smoke_test(
