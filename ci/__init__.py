@@ -1,1 +1,2 @@
-"""Checks that run outside the test suite: on a lent GPU machine, or against a build made elsewhere."""
+"""CI install steps and checks too long for the test suite, each module run as ``python -m ci.<name>``: lanes
+that compile for another machine, and the one-shot check for a lent GPU machine."""

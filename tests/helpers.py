@@ -10,12 +10,15 @@ from typing import Any
 import gguf
 import numpy as np
 
+from velollm_patch import cuda
 from velollm_patch.bench.metrics import PointResult, RequestSample, ScenarioResult
 from velollm_patch.bench.runner import BenchConfig, RunResult
 from velollm_patch.bench.targets import TargetInfo
 from velollm_patch.hardware import HardwareInfo
 
 HARDWARE_DATA = Path(__file__).parent / "data" / "hardware"
+CUDA_DATA = Path(__file__).parent / "data" / "cuda"  # what CUDA 13.0.88's tools answered
+LIST_GPU_ARCH_13_0 = (CUDA_DATA / "13.0-list-gpu-arch.txt").read_text()
 
 # The patch that repacks Q4_1 weights on x86 CPUs with AVX2. The planner needs no knowledge of it (its dry run
 # shows the repacked copies), but tests that compare kernels or buffers do.
@@ -25,6 +28,56 @@ CPU_REPACK_Q4_1_PATCH = "cpu-repack-q4-1"
 def recorded_hardware(name: str) -> HardwareInfo:
     """A machine recorded in tests/data/hardware/NAME.json (h100, rtx3060, rtx4090, m2max, ...)."""
     return HardwareInfo.from_dict(json.loads((HARDWARE_DATA / f"{name}.json").read_text()))
+
+
+def touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def toolkit_tree(root: Path, *, cublas: bool = False, stub: bool = False) -> tuple[Path, Path, Path]:
+    """A toolkit's include, lib and lib/stubs directories, with cuBLAS and the libcuda stub when asked."""
+    include, lib = root / "include", root / "lib"
+    touch(include / "cuda_runtime.h")
+    touch(lib / "libcudart.so.13")
+    if cublas:
+        for name in ("libcublas.so", "libcublasLt.so", "libcublas.so.13", "libcublasLt.so.13"):
+            touch(lib / name)
+        touch(include / "cublas_v2.h")
+    if stub:
+        touch(lib / "stubs" / "libcuda.so")
+    (lib / "stubs").mkdir(exist_ok=True)
+    return include, lib, lib / "stubs"
+
+
+def cu13_wheel(site: Path) -> Path:
+    """What `pip install nvidia-cublas==13.0.*` unpacks: nvidia/cu13/{lib,include}, sonames only."""
+    touch(site / "nvidia/cu13/lib/libcublas.so.13")
+    touch(site / "nvidia/cu13/lib/libcublasLt.so.13")
+    touch(site / "nvidia/cu13/include/cublas_v2.h")
+    return site / "nvidia/cu13"
+
+
+def make_toolkit(
+    tmp_path: Path, *, version: str = "13.0", cublas: str | None = "pip", driver: str | None = None
+) -> cuda.CudaToolkit:
+    """A CUDA 13.0 toolkit (nvcc's recorded target list) with cuBLAS from "toolkit" or "pip" (or none) and
+    libcuda from the "system" driver or the toolkit's "stub" (or none), found by the real search."""
+    include, lib, stubs = toolkit_tree(tmp_path / "cuda", cublas=cublas == "toolkit", stub=driver == "stub")
+    site = tmp_path / "site-packages"
+    if cublas == "pip":
+        cu13_wheel(site)
+    system = tmp_path / "system-lib"
+    if driver == "system":
+        touch(system / "libcuda.so.1")
+    major = cuda.parse_version(version)[0]
+    return cuda.CudaToolkit(
+        nvcc=tmp_path / "cuda/bin/nvcc", version=version, include_dirs=(include,), library_dirs=(stubs, lib),
+        gpu_archs=cuda.parse_gpu_archs(LIST_GPU_ARCH_13_0),
+        cublas=cuda.find_cublas(major, (include,), (stubs, lib), (site,)),
+        driver_library=cuda.find_driver_library((stubs, lib), (system,)),
+    )
 
 
 def default_tokens(n: int) -> list[str]:

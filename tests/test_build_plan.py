@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import recorded_hardware
+from tests.helpers import make_toolkit, recorded_hardware
 from velollm_patch.build import TARGETS, BuildOptions, cuda_arch, plan_build
 from velollm_patch.errors import VelollmError
 from velollm_patch.hardware import HardwareInfo, Tool
@@ -21,7 +21,9 @@ def tmp_paths(tmp_path: Path) -> Paths:
 
 def _plan(machine: str | HardwareInfo, tmp_paths: Paths, **options: object) -> list[str]:
     hw = recorded_hardware(machine) if isinstance(machine, str) else machine
-    plan = plan_build(BuildOptions(**options), hw, tmp_paths, fetch=False)  # type: ignore[arg-type]
+    # a recorded machine's toolkit is not this machine's: CUDA plans get one with the toolkit's own cuBLAS
+    toolkit = make_toolkit(tmp_paths.data.parent / "toolkit", cublas="toolkit", driver="system")
+    plan = plan_build(BuildOptions(**options), hw, tmp_paths, fetch=False, toolkit=toolkit)  # type: ignore[arg-type]
     return list(plan.cmake_args)
 
 
@@ -111,7 +113,7 @@ def _without_tool(hw: HardwareInfo, name: str) -> HardwareInfo:
 
 def test_cuda_without_nvcc(tmp_paths: Paths) -> None:
     hw = _without_tool(recorded_hardware("rtx3060"), "nvcc")
-    with pytest.raises(VelollmError, match="needs nvcc.*install the CUDA toolkit or use --gpu cpu"):
+    with pytest.raises(VelollmError, match="needs nvcc from the CUDA toolkit 12.4 or newer.*or use --gpu cpu"):
         _plan(hw, tmp_paths, gpu="cuda")
 
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from velollm_patch import __version__, builds, models, patches, proc, serve, source
+from velollm_patch import __version__, builds, cuda, models, patches, proc, serve, source
 from velollm_patch.errors import VelollmError
 from velollm_patch.files import sha256_file
 from velollm_patch.hardware import HardwareInfo, Toolchain
@@ -68,6 +68,29 @@ class BuildOptions:
 
 
 @dataclass(frozen=True)
+class SmokePlan:
+    """What the smoke test can run here. Without the backend's GPU (a CUDA build for another machine) it
+    still runs ``--version`` and a completion, which the backend, finding no device, leaves to the CPU."""
+
+    gpu_kernels: bool = True
+    reason: str = ""  # why the GPU kernels are not run
+    driver_stub: Path | None = None  # loaded as libcuda.so.1 where no driver is installed
+
+    @property
+    def level(self) -> str:
+        return "full" if self.gpu_kernels else "reduced"
+
+    def describe(self) -> str:
+        if self.gpu_kernels:
+            return "full (--version, then a model loaded and a completion)"
+        return f"reduced: {self.reason}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"level": self.level, "reason": self.reason or None,
+                "driver_stub": str(self.driver_stub) if self.driver_stub else None}
+
+
+@dataclass(frozen=True)
 class BuildPlan:
     options: BuildOptions
     backend: str
@@ -82,6 +105,9 @@ class BuildPlan:
     build_id: str
     install_dir: Path
     env: dict[str, str] = field(default_factory=dict)
+    cuda: cuda.CudaToolkit | None = None
+    notes: tuple[str, ...] = ()  # decisions the plan took for this machine, one line each
+    smoke: SmokePlan = SmokePlan()
 
     def describe(self) -> list[str]:
         lines = [
@@ -100,6 +126,11 @@ class BuildPlan:
         lines.append("targets:  " + " ".join(self.targets))
         if self.env:
             lines.append("env:      " + " ".join(f"{k}={v}" for k, v in sorted(self.env.items())))
+        if self.cuda is not None:
+            archs = ", ".join(cuda.capability_of(a) for a in self.cuda.gpu_archs or ()) or "not listed"
+            lines.append(f"nvcc:     {self.cuda.version} ({self.cuda.nvcc}), targets {archs}")
+        lines += [f"note:     {note}" for note in self.notes]
+        lines.append(f"smoke:    {self.smoke.describe()}")
         lines.append(f"install:  {self.install_dir}")
         return lines
 
@@ -116,6 +147,9 @@ class BuildPlan:
             "generator": self.generator,
             "jobs": self.jobs,
             "env": self.env,
+            "cuda": self.cuda.to_dict() if self.cuda else None,
+            "notes": list(self.notes),
+            "smoke_test": self.smoke.to_dict(),
             "install_dir": str(self.install_dir),
         }
 
@@ -136,25 +170,16 @@ def choose_backend(gpu: str, hw: HardwareInfo) -> str:
     return hw.backend() if gpu == "auto" else gpu
 
 
-def cmake_args_for(backend: str, hw: HardwareInfo, arch: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+def cmake_args_for(
+    backend: str, hw: HardwareInfo, arch: tuple[str, ...], toolkit: cuda.CudaToolkit | None = None
+) -> tuple[list[str], dict[str, str]]:
     """Backend-specific CMake flags (and environment) for ``hw``; raises when a toolchain is missing."""
     tools = hw.toolchain
     args: list[str] = []
     env: dict[str, str] = {}
     if backend == "cuda":
-        if not tools.nvcc.present:
-            raise VelollmError(
-                "a CUDA build needs nvcc, which was not found: install the CUDA toolkit or use --gpu cpu"
-            )
-        detected = {g.compute_capability for g in hw.gpus if g.vendor == "nvidia" and g.compute_capability}
-        caps = arch or tuple(sorted(detected))
-        if not caps:
-            raise VelollmError("no NVIDIA GPU was detected to take the CUDA arch from: pass --arch, e.g. --arch 8.6")
-        args += [
-            "-DGGML_CUDA=ON",
-            "-DCMAKE_CUDA_ARCHITECTURES=" + ";".join(cuda_arch(c) for c in caps),
-            "-DGGML_CUDA_FA_QUANTS=" + ";".join(TUNABLE_KV_PAIRS),
-        ]
+        assert toolkit is not None, "plan_build inspects the CUDA toolkit first"
+        args += _cuda_args(hw, arch, toolkit)
     elif backend == "rocm":
         if not tools.hipcc.present:
             raise VelollmError("a ROCm build needs hipcc, which was not found: install ROCm or use --gpu vulkan|cpu")
@@ -213,6 +238,69 @@ def _dotted(version: tuple[int, ...]) -> str:
     return ".".join(map(str, version))
 
 
+def _cuda_args(hw: HardwareInfo, arch: tuple[str, ...], toolkit: cuda.CudaToolkit) -> list[str]:
+    detected = {g.compute_capability for g in hw.gpus if g.vendor == "nvidia" and g.compute_capability}
+    caps = arch or tuple(sorted(detected))
+    if not caps:
+        raise VelollmError("no NVIDIA GPU was detected to take the CUDA arch from: pass --arch, e.g. --arch 8.6")
+    archs = [cuda_arch(c) for c in caps]  # validates the spelling before nvcc's list is consulted
+    cuda.check_archs(caps, toolkit)
+    if toolkit.cublas is None:
+        raise VelollmError(cuda.missing_cublas_message(toolkit))
+    args = [
+        "-DGGML_CUDA=ON",
+        f"-DCMAKE_CUDA_COMPILER={toolkit.nvcc}",  # the nvcc whose version and targets were checked
+        "-DCMAKE_CUDA_ARCHITECTURES=" + ";".join(archs),
+        "-DGGML_CUDA_FA_QUANTS=" + ";".join(TUNABLE_KV_PAIRS),
+        # FindCUDAToolkit only searches the toolkit: name cuBLAS (a wheel's has no unversioned .so link)
+        f"-DCUDA_cublas_LIBRARY={toolkit.cublas.library}",
+        f"-DCUDA_cublasLt_LIBRARY={toolkit.cublas.lt_library}",
+    ]
+    if toolkit.cublas.from_pip:
+        # the imported cuBLAS target carries the toolkit's include directory, which lacks cublas_v2.h
+        args.append(f"-DCMAKE_CUDA_STANDARD_INCLUDE_DIRECTORIES={toolkit.cublas.include_dir}")
+    if toolkit.driver_library is not None:
+        args.append(f"-DCUDA_cuda_driver_LIBRARY={toolkit.driver_library}")
+    else:
+        # ggml calls the driver API (cuMem*) only for its virtual-memory pool; without libcuda to link
+        # against (no driver, no toolkit stubs/) the pool falls back to cudaMalloc'd buffers.
+        args.append("-DGGML_CUDA_NO_VMM=ON")
+    return args
+
+
+def cuda_notes(toolkit: cuda.CudaToolkit) -> list[str]:
+    """The plan's CUDA decisions that depend on what this machine has, said in words."""
+    notes = []
+    if toolkit.cublas is not None:
+        notes.append(f"cuBLAS from the {toolkit.cublas.origin} ({toolkit.cublas.library.parent})")
+    if toolkit.driver_library is None:
+        notes.append(
+            "no libcuda to link (no NVIDIA driver, no toolkit stubs/): GGML_CUDA_NO_VMM=ON, so the GPU memory "
+            "pool uses cudaMalloc instead of virtual memory; the stub that keeps it is in NVIDIA's "
+            f"cuda-driver-dev-{toolkit.version.replace('.', '-')} package"
+        )
+    elif toolkit.driver_is_stub:
+        notes.append(f"libcuda linked from the toolkit stub {toolkit.driver_library}; a driver provides it at run time")
+    runtime = f"libcudart.so.{toolkit.major}, libcublas.so.{toolkit.major}, libcublasLt.so.{toolkit.major}"
+    notes.append(
+        f"at run time the binaries need {runtime} (the build directories are their RUNPATH; elsewhere put them on "
+        f"the library path, e.g. pip's nvidia-cuda-runtime and {cuda.cublas_requirement(toolkit.version)}) and "
+        f"an NVIDIA driver for CUDA {toolkit.version}+ (libcuda.so.1)"
+    )
+    return notes
+
+
+def smoke_plan(backend: str, hw: HardwareInfo, toolkit: cuda.CudaToolkit | None) -> SmokePlan:
+    if backend != "cuda" or any(g.vendor == "nvidia" for g in hw.gpus):
+        return SmokePlan()
+    stub = toolkit.driver_library if toolkit is not None and toolkit.driver_is_stub else None
+    reason = ("no NVIDIA GPU here, so the CUDA kernels do not run: --version and a completion on the CPU "
+              "(the CUDA backend finds no device) are what is tested")
+    if stub is not None:
+        reason += "; libcuda.so.1 is the toolkit's stub, as no driver is installed"
+    return SmokePlan(gpu_kernels=False, reason=reason, driver_stub=stub)
+
+
 def _cpu_isa_args(hw: HardwareInfo) -> list[str]:
     if hw.cpu.arch in ("x86_64", "AMD64", "amd64"):
         isa = [f"-D{option}={'ON' if hw.cpu.has(flag) else 'OFF'}" for flag, option in X86_ISA_OPTIONS]
@@ -221,8 +309,14 @@ def _cpu_isa_args(hw: HardwareInfo) -> list[str]:
     return ["-DGGML_NATIVE=ON"]
 
 
-def plan_build(options: BuildOptions, hw: HardwareInfo, paths: Paths, *, fetch: bool = True) -> BuildPlan:
-    """Decide everything about a build. With ``fetch`` false, an uncached source is an error."""
+def plan_build(
+    options: BuildOptions, hw: HardwareInfo, paths: Paths, *, fetch: bool = True,
+    toolkit: cuda.CudaToolkit | None = None,
+) -> BuildPlan:
+    """Decide everything about a build. With ``fetch`` false, an uncached source is an error.
+
+    A CUDA plan inspects the toolkit behind ``hw``'s nvcc unless ``toolkit`` is given (a recorded one).
+    """
     backend = choose_backend(options.gpu, hw)
     tools = hw.toolchain
     if not tools.cmake.present:
@@ -238,7 +332,15 @@ def plan_build(options: BuildOptions, hw: HardwareInfo, paths: Paths, *, fetch: 
             exit_code=4,
         )
     targets = _targets(options.targets)
-    backend_args, env = cmake_args_for(backend, hw, options.arch)
+    notes: list[str] = []
+    if backend == "cuda":
+        cuda.check_nvcc(tools.nvcc)
+        toolkit = toolkit or cuda.inspect_toolkit(tools.nvcc, paths)
+    else:
+        toolkit = None
+    backend_args, env = cmake_args_for(backend, hw, options.arch, toolkit)
+    if toolkit is not None:
+        notes += cuda_notes(toolkit)
     src = source.fetch(options.source, paths) if fetch else _cached_source(options.source, paths)
     series: patches.Series | None = None
     selected: tuple[patches.Patch, ...] = ()
@@ -282,7 +384,8 @@ def plan_build(options: BuildOptions, hw: HardwareInfo, paths: Paths, *, fetch: 
     return BuildPlan(
         options=options, backend=backend, source=src, series=series, selected=selected, patch_level=patch_level,
         cmake_args=tuple(args), targets=targets, generator=generator, jobs=jobs, build_id=build_id,
-        install_dir=paths.builds / build_id, env=env,
+        install_dir=paths.builds / build_id, env=env, cuda=toolkit, notes=tuple(notes),
+        smoke=smoke_plan(backend, hw, toolkit),
     )
 
 
@@ -358,7 +461,19 @@ def _build_and_install(
         _compile(plan, build_dir, env, log_file, report, on_line, left)
         report("smoke test", 0, 0)
         _stage(plan, hw, build_dir, staging, started)
-        smoke_test(staging, plan.patch_level, plan.options.smoke_model or _default_model(paths), log_file)
+        smoke_env: dict[str, str] = {}
+        if plan.smoke.driver_stub is not None:
+            # The binaries need libcuda.so.1, which only a driver installs; the stub (libcuda.so) answers
+            # every call with an error, so the CUDA backend reports no device and the CPU runs the test.
+            shim = ensure_dir(work / "driver-stub")
+            (shim / "libcuda.so.1").symlink_to(plan.smoke.driver_stub)
+            smoke_env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(shim), os.environ.get("LD_LIBRARY_PATH")]))
+        if not plan.smoke.gpu_kernels:
+            log.warning("smoke test reduced: %s", plan.smoke.reason)
+            with log_file.open("a", encoding="utf-8") as handle:
+                handle.write(f"velollm-patch: smoke test reduced: {plan.smoke.reason}\n")
+        smoke_test(staging, plan.patch_level, plan.options.smoke_model or _default_model(paths), log_file,
+                   env=smoke_env)
         installed = builds.install_staged(paths, staging, plan.build_id)
     except BaseException:
         # Ctrl-C, kill (SIGTERM is turned into an exception by the CLI) or failure: nothing half-done stays.
@@ -412,21 +527,44 @@ def _stage(plan: BuildPlan, hw: HardwareInfo, build_dir: Path, staging: Path, st
         "toolchain": hw.to_dict().get("toolchain"),
         "binaries": binaries,
         "fa_kv_pairs": list(TUNABLE_KV_PAIRS) if plan.backend == "cuda" else None,
+        # what the loader must find on the machine that runs them (CUDA's libraries, for one)
+        "dynamic_linking": elf_dynamic_section(bin_dir / "llama-server"),
     }
     (staging / builds.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def smoke_test(build_dir: Path, patch_level: str, model: Path, log_file: Path) -> None:
+def elf_dynamic_section(binary: Path) -> dict[str, Any] | None:
+    """The shared libraries ``binary`` needs and its RUNPATH, from ``readelf -d`` (None where there is none)."""
+    try:
+        result = proc.run(["readelf", "-d", binary], check=False, timeout=60)
+    except (VelollmError, OSError) as exc:  # no binutils, or not an ELF platform
+        log.debug("readelf: %s", exc)
+        return None
+    if result.returncode != 0:
+        return None
+    return parse_readelf_dynamic(result.output)
+
+
+def parse_readelf_dynamic(output: str) -> dict[str, Any]:
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", output)
+    runpath = re.search(r"\((?:RUNPATH|RPATH)\)\s+Library r(?:un)?path: \[([^\]]*)\]", output)
+    # CMake ends a build tree's RUNPATH with ':', an empty entry that means nothing to the loader
+    return {"needed": needed, "runpath": [d for d in runpath.group(1).split(":") if d] if runpath else []}
+
+
+def smoke_test(
+    build_dir: Path, patch_level: str, model: Path, log_file: Path, *, env: dict[str, str] | None = None
+) -> None:
     """``--version`` must run and report our patch level; the server must load ``model`` and answer."""
     server_bin = build_dir / "bin" / "llama-server"
-    version = proc.run([server_bin, "--version"], check=False, timeout=60)
+    version = proc.run([server_bin, "--version"], check=False, timeout=60, env=env)
     if version.returncode != 0 or "version:" not in version.output:
         raise VelollmError(f"smoke test: {server_bin} --version failed: {version.tail(3)}")
     if patch_level and f"velollm patch level: {patch_level}" not in version.output:
         raise VelollmError(f"smoke test: {server_bin} does not report patch level {patch_level}")
     config = serve.ServerConfig(
         binary=server_bin, model=model, args=("-c", "512", "-np", "1", "-t", str(min(4, os.cpu_count() or 1))),
-        log_file=log_file,
+        log_file=log_file, env=env or {},
     )
     with serve.start_server(config, timeout=300) as server:
         result = serve.complete(server, "The capital of France is", n_predict=8)

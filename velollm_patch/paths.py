@@ -8,6 +8,9 @@ puts both under one directory, which is what tests and CI use to stay isolated.
 from __future__ import annotations
 
 import os
+import platform
+import site
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +64,16 @@ class Paths:
     def locks(self) -> Path:
         return self.cache / "locks"
 
+    @property
+    def ci_reports(self) -> Path:
+        """Reports of the CI lanes in ``ci/`` (time, build id, binaries), JSON and Markdown."""
+        return self.data / "ci"
+
+    @property
+    def toolchain_probes(self) -> Path:
+        """What slow toolchain queries answered (nvcc's target list), one file per tool path and version."""
+        return self.cache / "toolchain"
+
 
 def get_paths() -> Paths:
     home = os.environ.get("VELOLLM_HOME")
@@ -71,6 +84,23 @@ def get_paths() -> Paths:
         data=Path(platformdirs.user_data_dir(APP_NAME)),
         cache=Path(platformdirs.user_cache_dir(APP_NAME)),
     )
+
+
+def python_site_dirs() -> list[Path]:
+    """This Python's site-packages directories, where pip puts NVIDIA's library wheels (``nvidia/...``)."""
+    found = [*site.getsitepackages(), site.getusersitepackages(), *sysconfig.get_paths().values()]
+    dirs: list[Path] = []
+    for entry in found:
+        path = Path(entry)
+        if path.name in ("site-packages", "dist-packages") and path not in dirs:
+            dirs.append(path)
+    return dirs
+
+
+def system_library_dirs() -> list[Path]:
+    """Where a Linux NVIDIA driver puts libcuda: the multiarch directory, the lib64/lib ones and WSL's."""
+    return [Path(f"/usr/lib/{platform.machine()}-linux-gnu"), Path("/usr/lib64"), Path("/usr/lib"),
+            Path("/usr/lib/wsl/lib")]
 
 
 def ensure_dir(path: Path) -> Path:
