@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.fake_ollama import FakeModel, FakeOllama, llama31_8b
+from tests.helpers import write_gguf
 from velollm_patch import hardware, tune
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.cli import main
@@ -22,7 +23,9 @@ from velollm_patch.ollama.config import fit_context
 from velollm_patch.ollama.modelfile import (
     CreateRequest,
     ModelfileSpec,
+    draft_problem,
     lint_modelfile,
+    loadable_draft,
     parse_modelfile,
     parse_show_parameters,
     quote_value,
@@ -285,6 +288,42 @@ def test_cli_modelfile_draft_needs_new_enough_ollama(tmp_path: Path) -> None:
                                          "0.20.0", "-o", str(out)])
     assert isinstance(result.exception, VelollmError)
     assert not out.exists()
+
+
+# --- DRAFT under Ollama 0.30+, which launches every DRAFT as an MTP draft --------------------------
+
+
+@pytest.fixture
+def classic_draft(tmp_path: Path) -> Path:
+    return write_gguf(tmp_path / "small-draft.gguf")
+
+
+def test_a_classic_draft_would_not_load_under_ollama_0_30(classic_draft: Path, tmp_path: Path) -> None:
+    problem = draft_problem(classic_draft, OllamaVersion.parse("0.30.0"))
+    assert problem is not None and "--spec-type draft-mtp" in problem and "no MTP layers" in problem
+    # before 0.30 Ollama's own runner ran the draft; an MTP or dflash model loads as an MTP draft
+    assert draft_problem(classic_draft, OllamaVersion.parse("0.25.0")) is None
+    mtp = write_gguf(tmp_path / "mtp.gguf", extra={"llama.nextn_predict_layers": 1})
+    assert draft_problem(mtp, OllamaVersion.parse("0.33.0")) is None
+    dflash = write_gguf(tmp_path / "dflash.gguf", arch="dflash")
+    assert draft_problem(dflash, OllamaVersion.parse("0.33.0")) is None
+
+
+def test_the_tuners_classic_draft_is_left_out_with_the_reason(classic_draft: Path) -> None:
+    tuned = {"num_ctx": 4096, "draft_num_predict": 6}
+    kept, draft, note = loadable_draft(tuned, str(classic_draft), OllamaVersion.parse("0.33.0"))
+    assert draft is None and kept == {"num_ctx": 4096}
+    assert note is not None and note.startswith("no DRAFT: Ollama 0.33.0 runs a DRAFT as an MTP draft")
+    kept, draft, note = loadable_draft(tuned, str(classic_draft), OllamaVersion.parse("0.25.0"))
+    assert (kept, draft, note) == (tuned, str(classic_draft), None)
+
+
+def test_cli_refuses_a_classic_draft_for_ollama_0_30(classic_draft: Path, tmp_path: Path) -> None:
+    out = tmp_path / "Modelfile"
+    result = CliRunner().invoke(main, ["ollama", "modelfile", "m", "--draft", str(classic_draft), "-o", str(out)])
+    assert result.exit_code == 1 and not out.exists()
+    (line,) = result.output.strip().splitlines()
+    assert "no MTP layers" in line and "--ollama-version" in line
 
 
 # --- the Modelfiles shipped in modelfiles/ --------------------------------------------------------

@@ -34,7 +34,9 @@ from velollm_patch.ollama.config import (
 from velollm_patch.ollama.modelfile import (
     ModelfileSpec,
     ParamValue,
+    draft_problem,
     lint_modelfile,
+    loadable_draft,
     read_modelfile,
     render_modelfile,
     spec_from_base,
@@ -105,11 +107,17 @@ def modelfile_cmd(
         plan = tune.plan_for(model, hardware.detect(build_dir=paths.cache), build, paths,
                              tune.TuneRequest(profile=profile, workload=workload))
         parameters, reasons, tuned_draft = tuned_parameters(plan)
+        parameters, tuned_draft, dropped = loadable_draft(parameters, tuned_draft, spec.target())
+        if dropped:
+            comments = (*comments, dropped)
         spec = spec.with_parameters(parameters, reasons)
         if model in models.KNOWN_MODELS and not Path(model).exists():
             # Ollama does not know our demo-model names: derive from the file the plan was made for.
             spec = replace(spec, from_model=str(plan.model.path))
         comments = (*comments, f"tuned by velollm-patch for this machine: {profile} profile, {workload} workload")
+    problem = draft_problem(draft, spec.target()) if draft else None
+    if problem:
+        raise VelollmError(f"{problem}: leave --draft out, or target an Ollama before 0.30 with --ollama-version")
     chosen: dict[str, ParamValue] = {
         name: value for name, value in (
             ("num_ctx", num_ctx), ("num_batch", num_batch), ("num_thread", num_thread),

@@ -712,6 +712,9 @@ class ModelInfo:
     q4_1_matrix_bytes: int = 0
     """Bytes of the Q4_1 matrices whose rows come in multiples of 8: what a build with patch cpu-repack-q4-1
     holds as repacked copies on an x86 CPU with AVX2."""
+    n_mtp_layers: int = 0
+    """Multi-token-prediction layers (``<arch>.nextn_predict_layers``): what an MTP draft context needs
+    (llama_init_from_model refuses ``LLAMA_CONTEXT_TYPE_MTP`` without them)."""
 
     @property
     def has_swa(self) -> bool:
@@ -948,6 +951,7 @@ def _build_info(path: Path, header: _Header) -> ModelInfo:
             t.n_bytes for t in header.tensors
             if t.ggml_type == GGMLQuantizationType.Q4_1 and len(t.dims) >= 2 and t.dims[1] % 8 == 0
         ),
+        n_mtp_layers=meta.uint(f"{arch}.nextn_predict_layers", 0),
     )
 
 

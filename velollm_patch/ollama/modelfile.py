@@ -25,6 +25,7 @@ from types import MappingProxyType
 
 from velollm_patch.errors import VelollmError
 from velollm_patch.files import read_limited
+from velollm_patch.model import inspect_model
 from velollm_patch.ollama.api import ShowResponse
 from velollm_patch.ollama.gosyntax import (
     go_unquote,
@@ -1086,6 +1087,35 @@ def spec_from_base(show: ShowResponse, from_model: str, *,
         ollama_version=ollama_version,
         comments=tuple(comments),
     )
+
+
+def draft_problem(draft: Path, target: OllamaVersion) -> str | None:
+    """Why Ollama ``target`` would fail to load a model with ``DRAFT draft``; None when it would not.
+
+    Ollama 0.30+ passes every DRAFT to llama-server as ``--spec-type draft-mtp --spec-draft-model X``
+    (``draft-dflash`` for a dflash model; llm/llama_server.go), and the server exits at load when X has no
+    MTP layers: a classic small draft model of the same vocabulary makes the whole model fail to load."""
+    if target.era is not Era.C or not draft.is_file():  # a directory is converted by Ollama: nothing to read
+        return None
+    info = inspect_model(draft)
+    if info.architecture == "dflash" or info.n_mtp_layers > 0:
+        return None
+    return (
+        f"Ollama {target} runs a DRAFT as an MTP draft (--spec-type draft-mtp) and {draft.name} "
+        f"({info.architecture}) has no MTP layers, so the model would fail to load"
+    )
+
+
+def loadable_draft(
+    parameters: Mapping[str, ParamValue], draft: str | None, target: OllamaVersion,
+) -> tuple[dict[str, ParamValue], str | None, str | None]:
+    """The tuner's DRAFT and draft_num_predict, or neither with a comment saying why, when Ollama ``target``
+    would fail to load the model with that draft (see :func:`draft_problem`)."""
+    problem = draft_problem(Path(draft), target) if draft else None
+    if problem is None:
+        return dict(parameters), draft, None
+    kept = {name: value for name, value in parameters.items() if name != "draft_num_predict"}
+    return kept, None, f"no DRAFT: {problem}"
 
 
 def tuned_parameters(plan: Plan) -> tuple[dict[str, ParamValue], dict[str, str], str | None]:
