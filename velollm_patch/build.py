@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,6 @@ class BuildPlan:
     jobs: int
     build_id: str
     install_dir: Path
-    env: dict[str, str] = field(default_factory=dict)
     cuda: cuda.CudaToolkit | None = None
     notes: tuple[str, ...] = ()  # decisions the plan took for this machine, one line each
     smoke: SmokePlan = SmokePlan()
@@ -124,8 +123,6 @@ class BuildPlan:
         lines.append(f"generator: {self.generator}, {self.jobs} jobs")
         lines.append("cmake:    " + " ".join(self.cmake_args))
         lines.append("targets:  " + " ".join(self.targets))
-        if self.env:
-            lines.append("env:      " + " ".join(f"{k}={v}" for k, v in sorted(self.env.items())))
         if self.cuda is not None:
             archs = ", ".join(cuda.capability_of(a) for a in self.cuda.gpu_archs or ()) or "not listed"
             lines.append(f"nvcc:     {self.cuda.version} ({self.cuda.nvcc}), targets {archs}")
@@ -146,7 +143,6 @@ class BuildPlan:
             "targets": list(self.targets),
             "generator": self.generator,
             "jobs": self.jobs,
-            "env": self.env,
             "cuda": self.cuda.to_dict() if self.cuda else None,
             "notes": list(self.notes),
             "smoke_test": self.smoke.to_dict(),
@@ -172,11 +168,10 @@ def choose_backend(gpu: str, hw: HardwareInfo) -> str:
 
 def cmake_args_for(
     backend: str, hw: HardwareInfo, arch: tuple[str, ...], toolkit: cuda.CudaToolkit | None = None
-) -> tuple[list[str], dict[str, str]]:
-    """Backend-specific CMake flags (and environment) for ``hw``; raises when a toolchain is missing."""
+) -> list[str]:
+    """Backend-specific CMake flags for ``hw``; raises when a toolchain is missing."""
     tools = hw.toolchain
     args: list[str] = []
-    env: dict[str, str] = {}
     if backend == "cuda":
         assert toolkit is not None, "plan_build inspects the CUDA toolkit first"
         args += _cuda_args(hw, arch, toolkit)
@@ -200,7 +195,7 @@ def cmake_args_for(
         args += ["-DGGML_CUDA=OFF", "-DGGML_METAL=OFF"]
     if backend != "metal":
         args += _cpu_isa_args(hw)
-    return args, env
+    return args
 
 
 def _vulkan_args(tools: Toolchain) -> list[str]:
@@ -338,7 +333,7 @@ def plan_build(
         toolkit = toolkit or cuda.inspect_toolkit(tools.nvcc, paths)
     else:
         toolkit = None
-    backend_args, env = cmake_args_for(backend, hw, options.arch, toolkit)
+    backend_args = cmake_args_for(backend, hw, options.arch, toolkit)
     if toolkit is not None:
         notes += cuda_notes(toolkit)
     src = source.fetch(options.source, paths) if fetch else _cached_source(options.source, paths)
@@ -384,7 +379,7 @@ def plan_build(
     return BuildPlan(
         options=options, backend=backend, source=src, series=series, selected=selected, patch_level=patch_level,
         cmake_args=tuple(args), targets=targets, generator=generator, jobs=jobs, build_id=build_id,
-        install_dir=paths.builds / build_id, env=env, cuda=toolkit, notes=tuple(notes),
+        install_dir=paths.builds / build_id, cuda=toolkit, notes=tuple(notes),
         smoke=smoke_plan(backend, hw, toolkit),
     )
 
@@ -453,7 +448,7 @@ def _build_and_install(
             patches.apply(plan.series, plan.selected, tree)
         report("configuring", 0, 0)
         build_dir = work / "build"
-        env = {**plan.env, "CCACHE_BASEDIR": str(work), "CCACHE_NOHASHDIR": "1"}
+        env = {"CCACHE_BASEDIR": str(work), "CCACHE_NOHASHDIR": "1"}
         limit = plan.options.timeout_s
         proc.run(["cmake", "-S", tree, "-B", build_dir, *plan.cmake_args], env=env, log_file=log_file,
                  on_line=on_line, what="cmake configure", timeout=limit)
