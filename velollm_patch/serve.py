@@ -88,6 +88,8 @@ class RunningServer:
         self.port = port
         self.log_file = log_file
         self.url = f"http://{config.host}:{port}"
+        # one connection pool for every request to this server (httpx clients are thread-safe)
+        self._http = httpx.Client(base_url=self.url, timeout=300)
 
     @property
     def pid(self) -> int:
@@ -125,8 +127,7 @@ class RunningServer:
         raise VelollmError(f"llama-server did not become healthy within {timeout:.0f}s; log: {self.log_file}")
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        with httpx.Client(timeout=kwargs.pop("timeout", 300)) as client:
-            return client.request(method, f"{self.url}{path}", **kwargs)
+        return self._http.request(method, path, **kwargs)
 
     def get_json(self, path: str) -> Any:
         response = self.request("GET", path)
@@ -161,6 +162,7 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._http.close()
         return int(self.process.returncode)
 
     def __enter__(self) -> RunningServer:
