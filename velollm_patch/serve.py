@@ -199,7 +199,12 @@ def _die_with_parent() -> Callable[[], None] | None:
     return set_pdeathsig
 
 
-def start_server(config: ServerConfig, *, wait: bool = True, timeout: float = 120) -> RunningServer:
+def start_server(
+    config: ServerConfig, *, wait: bool = True, timeout: float = 120, argv: Sequence[str] | None = None,
+) -> RunningServer:
+    """Start ``config.binary`` with ``-m``, ``--host`` and ``--port`` from ``config`` followed by its
+    ``args``; or, to reproduce another launcher's command line exactly, with ``argv`` alone (which must then
+    name ``config.model`` and ``config.port`` itself)."""
     if not config.model.is_file():
         raise VelollmError(f"model {config.model} does not exist: pass a GGUF path or a known model name")
     port = config.port or free_port(config.host)
@@ -210,13 +215,17 @@ def start_server(config: ServerConfig, *, wait: bool = True, timeout: float = 12
         handle, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
         os.close(handle)
         log_file = Path(name)
-    argv = [str(config.binary), "-m", str(config.model), "--host", config.host, "--port", str(port), *config.args]
+    if argv is not None and not config.port:
+        raise ValueError("a server started with its own argv needs config.port")
+    if argv is None:
+        argv = ["-m", str(config.model), "--host", config.host, "--port", str(port), *config.args]
+    command = [str(config.binary), *argv]
     with log_file.open("ab") as log_handle:
-        log_handle.write(f"$ {format_command(argv)}\n".encode())
+        log_handle.write(f"$ {format_command(command)}\n".encode())
         log_handle.flush()
         try:
             process = subprocess.Popen(
-                argv, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                command, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **config.env}, preexec_fn=_die_with_parent(),
             )
         except OSError as exc:
