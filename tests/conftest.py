@@ -99,6 +99,18 @@ def smollm2_f16_gguf(patched_build: InstalledBuild, smollm2_gguf: Path, paths: P
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2_f32_gguf(patched_build: InstalledBuild, smollm2_gguf: Path, paths: Paths) -> Path:
+    """SmolLM2-135M as F32 from the Q4_1 demo model: a target whose Q4_1 draft has the same weights."""
+    out = paths.models / "SmolLM2-135M-Instruct.F32.gguf"
+    if not out.is_file():
+        partial = out.with_suffix(".partial")
+        quantize = patched_build.bin("llama-quantize")
+        proc.run([str(quantize), "--allow-requantize", str(smollm2_gguf), str(partial), "F32"])
+        partial.replace(out)
+    return out
+
+
 def _server_starter(binary: Path, tmp_path: Path, name: str) -> Iterator[Callable[..., serve.RunningServer]]:
     """Start llama-servers of ``binary`` on 127.0.0.1 (metrics on, slot erase allowed, no warm-up); they are
     all stopped when the test ends. Call it as ``start(model, *args, env={...})``."""

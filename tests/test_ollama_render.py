@@ -21,6 +21,7 @@ from velollm_patch.errors import VelollmError
 from velollm_patch.ollama.api import ShowResponse
 from velollm_patch.ollama.config import fit_context
 from velollm_patch.ollama.modelfile import (
+    CLASSIC_DRAFT_PATCH,
     CreateRequest,
     ModelfileSpec,
     draft_problem,
@@ -324,6 +325,57 @@ def test_cli_refuses_a_classic_draft_for_ollama_0_30(classic_draft: Path, tmp_pa
     assert result.exit_code == 1 and not out.exists()
     (line,) = result.output.strip().splitlines()
     assert "no MTP layers" in line and "--ollama-version" in line
+
+
+def ollama_running(root: Path, patch_level: str) -> Path:
+    """An Ollama prefix whose bundled llama-server answers --version like one built with ``patch_level``."""
+    server = root / "lib" / "ollama" / "llama-server"
+    server.parent.mkdir(parents=True)
+    lines = ["version: 0.5.0-dev (build 0, commit 0c1e570+velollm.22)"]
+    lines += [f"velollm patch level: {patch_level}"] if patch_level else []
+    server.write_text("#!/bin/sh\n" + "".join(f"echo '{line}' >&2\n" for line in lines))
+    server.chmod(0o755)
+    return root
+
+
+def test_a_classic_draft_is_kept_for_an_ollama_running_our_server(
+    classic_draft: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tuned = {"num_ctx": 4096, "draft_num_predict": 6}
+    kept, draft, note = loadable_draft(tuned, str(classic_draft), OllamaVersion.parse("0.33.0"), classic_drafts=True)
+    assert (kept, draft, note) == (tuned, str(classic_draft), None)
+
+    ours = ollama_running(tmp_path / "ours", f"velollm-22:spec-adaptive,{CLASSIC_DRAFT_PATCH}")
+    stock = ollama_running(tmp_path / "stock", "")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no ollama on PATH: only --ollama-prefix names one
+    out = tmp_path / "Modelfile"
+    args = ["ollama", "modelfile", "m", "--draft", str(classic_draft), "--ollama-version", "0.33.0", "-o", str(out)]
+    result = CliRunner().invoke(main, [*args, "--ollama-prefix", str(ours)])
+    assert result.exit_code == 0, result.output
+    assert f"DRAFT {classic_draft}" in out.read_text()
+    out.unlink()
+    for refused in ([*args, "--ollama-prefix", str(stock)], args):
+        result = CliRunner().invoke(main, refused)
+        assert result.exit_code == 1 and not out.exists()
+        (line,) = result.output.strip().splitlines()
+        assert "no MTP layers" in line and "install-server" in line
+    result = CliRunner().invoke(main, [*args, "--ollama-prefix", str(tmp_path / "nowhere")])
+    assert result.exit_code == 1 and "pass the Ollama install prefix" in result.output
+
+
+def test_a_draft_of_another_vocabulary_is_refused(tmp_path: Path) -> None:
+    target = write_gguf(tmp_path / "target.gguf")
+    other = write_gguf(tmp_path / "other.gguf", tokenizer="gpt2")
+    out = tmp_path / "Modelfile"
+    result = CliRunner().invoke(main, ["ollama", "modelfile", str(target), "--draft", str(other),
+                                       "--ollama-version", "0.25.0", "-o", str(out)])
+    assert result.exit_code == 1 and not out.exists()
+    (line,) = result.output.strip().splitlines()
+    assert "DRAFT other.gguf cannot draft for" in line and "vocab types differ" in line
+    same = write_gguf(tmp_path / "same.gguf")
+    result = CliRunner().invoke(main, ["ollama", "modelfile", str(target), "--draft", str(same),
+                                       "--ollama-version", "0.25.0", "-o", str(out)])
+    assert result.exit_code == 0, result.output
 
 
 # --- the Modelfiles shipped in modelfiles/ --------------------------------------------------------

@@ -28,6 +28,7 @@ flag = "--one"
 file = "0002-two.patch"
 name = "two"
 summary = "second change, on top of the first"
+requires = ["one"]
 """
 
 
@@ -84,6 +85,17 @@ def test_select(series_dir: tuple[Path, Path]) -> None:
     assert [p.name for p in series.select("two,one")] == ["one", "two"]  # series order, not argument order
     with pytest.raises(VelollmError, match="unknown patch nope.*available: one, two"):
         series.select("one,nope")
+    assert series.patches[1].requires == ("one",)
+    with pytest.raises(VelollmError, match="patch two builds on one: add one to --patches"):
+        series.select("two")
+
+
+def test_a_requirement_must_come_earlier(series_dir: tuple[Path, Path]) -> None:
+    sdir = series_dir[0]
+    text = (sdir / "series.toml").read_text()
+    (sdir / "series.toml").write_text(text.replace('requires = ["one"]', 'requires = ["three"]'))
+    with pytest.raises(VelollmError, match="two requires three, not listed before it"):
+        patches.load_series(sdir)
 
 
 def test_find_series_by_commit(series_dir: tuple[Path, Path]) -> None:

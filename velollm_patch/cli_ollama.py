@@ -32,9 +32,11 @@ from velollm_patch.ollama.config import (
     recommend,
 )
 from velollm_patch.ollama.modelfile import (
+    CLASSIC_DRAFT_PATCH,
     ModelfileSpec,
     ParamValue,
     draft_problem,
+    draft_vocabulary_problem,
     lint_modelfile,
     loadable_draft,
     read_modelfile,
@@ -42,7 +44,7 @@ from velollm_patch.ollama.modelfile import (
     spec_from_base,
     tuned_parameters,
 )
-from velollm_patch.ollama.server_swap import default_prefix, install_server, restore_server
+from velollm_patch.ollama.server_swap import default_prefix, install_server, installed_server, restore_server
 from velollm_patch.ollama.versions import OllamaVersion, parse_reported_version
 from velollm_patch.paths import get_paths
 
@@ -77,6 +79,9 @@ def _version_option(value: str | None) -> str | None:
               help="Tuner profile (implies --tuned; default: balanced).")
 @click.option("--workload", type=click.Choice(tune.WORKLOADS),
               help="Tuner workload (implies --tuned; default: chat).")
+@click.option("--ollama-prefix", type=click.Path(file_okay=False, path_type=Path),
+              help="The Ollama install whose llama-server decides whether a classic DRAFT loads (default: the"
+              " ollama on PATH).")
 @click.option("--comment", "comments", multiple=True, help="A comment line for the top of the file.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write here instead of stdout.")
@@ -84,7 +89,7 @@ def modelfile_cmd(
     model: str, num_ctx: int | None, num_batch: int | None, num_thread: int | None,
     num_gpu: int | None, draft: Path | None, draft_num_predict: int | None,
     ollama_version: str | None, server: str | None, tuned: bool, profile: str | None, workload: str | None,
-    comments: tuple[str, ...], output: Path | None,
+    ollama_prefix: Path | None, comments: tuple[str, ...], output: Path | None,
 ) -> None:
     """Write a Modelfile deriving from MODEL with the tuner's settings (--tuned) or the given ones."""
     version = _version_option(ollama_version)
@@ -97,6 +102,9 @@ def modelfile_cmd(
         spec = spec_from_base(show, model, ollama_version=version)
     else:
         spec = ModelfileSpec(model, ollama_version=version)
+    # Ollama 0.30+ launches a DRAFT as an MTP draft; only our patched server runs a classic one then.
+    runs = installed_server(ollama_prefix)
+    classic_drafts = runs is not None and CLASSIC_DRAFT_PATCH in runs.patches
     tuned_draft = None
     if tuned or profile or workload:
         profile, workload = profile or "balanced", workload or "chat"
@@ -107,7 +115,8 @@ def modelfile_cmd(
         plan = tune.plan_for(model, hardware.detect(build_dir=paths.cache), build, paths,
                              tune.TuneRequest(profile=profile, workload=workload))
         parameters, reasons, tuned_draft = tuned_parameters(plan)
-        parameters, tuned_draft, dropped = loadable_draft(parameters, tuned_draft, spec.target())
+        parameters, tuned_draft, dropped = loadable_draft(
+            parameters, tuned_draft, spec.target(), classic_drafts=classic_drafts)
         if dropped:
             comments = (*comments, dropped)
         spec = spec.with_parameters(parameters, reasons)
@@ -115,9 +124,14 @@ def modelfile_cmd(
             # Ollama does not know our demo-model names: derive from the file the plan was made for.
             spec = replace(spec, from_model=str(plan.model.path))
         comments = (*comments, f"tuned by velollm-patch for this machine: {profile} profile, {workload} workload")
-    problem = draft_problem(draft, spec.target()) if draft else None
+    vocabulary = draft_vocabulary_problem(spec.from_model, draft) if draft else None
+    if vocabulary:
+        raise VelollmError(f"{vocabulary} (llama-server would run without speculation): pass a draft model of the"
+                           " same vocabulary")
+    problem = draft_problem(draft, spec.target(), classic_drafts=classic_drafts) if draft else None
     if problem:
-        raise VelollmError(f"{problem}: leave --draft out, or target an Ollama before 0.30 with --ollama-version")
+        raise VelollmError(f"{problem}: leave --draft out, run `velollm-patch ollama install-server` first,"
+                           " or target an Ollama before 0.30 with --ollama-version")
     chosen: dict[str, ParamValue] = {
         name: value for name, value in (
             ("num_ctx", num_ctx), ("num_batch", num_batch), ("num_thread", num_thread),

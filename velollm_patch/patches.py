@@ -31,6 +31,7 @@ class Patch:
     flag: str  # runtime switch that turns the feature off/on; "" when there is nothing to switch
     env: str
     upstream_refs: tuple[str, ...]
+    requires: tuple[str, ...] = ()  # patches of the series this one builds on (its code calls theirs)
 
     @property
     def sha256(self) -> str:
@@ -70,7 +71,14 @@ class Series:
                 f"unknown patch {', '.join(unknown)} for llama.cpp {self.pin}; "
                 f"available: {', '.join(sorted(known))} (or all, none)"
             )
-        return tuple(p for p in self.patches if p.name in wanted)
+        selected = tuple(p for p in self.patches if p.name in wanted)
+        for patch in selected:
+            missing = [r for r in patch.requires if r not in wanted]
+            if missing:
+                raise VelollmError(
+                    f"patch {patch.name} builds on {', '.join(missing)}: add {', '.join(missing)} to --patches"
+                )
+        return selected
 
     def level_string(self, selected: Sequence[Patch]) -> str:
         """What the build stamps into llama-server; empty for a vanilla build."""
@@ -102,6 +110,7 @@ def load_series(directory: Path) -> Series:
                 Patch(
                     file=path, name=entry["name"], summary=entry["summary"], flag=entry.get("flag", ""),
                     env=entry.get("env", ""), upstream_refs=tuple(entry.get("upstream_refs", [])),
+                    requires=tuple(entry.get("requires", [])),
                 )
             )
         series = Series(
@@ -114,6 +123,11 @@ def load_series(directory: Path) -> Series:
     names = [p.name for p in series.patches]
     if len(set(names)) != len(names):
         raise VelollmError(f"{series_file} names a patch twice")
+    for patch in series.patches:
+        earlier = names[: names.index(patch.name)]
+        unknown = [r for r in patch.requires if r not in earlier]
+        if unknown:
+            raise VelollmError(f"{series_file}: {patch.name} requires {', '.join(unknown)}, not listed before it")
     return series
 
 

@@ -25,7 +25,7 @@ from types import MappingProxyType
 
 from velollm_patch.errors import VelollmError
 from velollm_patch.files import read_limited
-from velollm_patch.model import inspect_model
+from velollm_patch.model import draft_compatibility, inspect_model, resolve_model
 from velollm_patch.ollama.api import ShowResponse
 from velollm_patch.ollama.gosyntax import (
     go_unquote,
@@ -1089,33 +1089,52 @@ def spec_from_base(show: ShowResponse, from_model: str, *,
     )
 
 
-def draft_problem(draft: Path, target: OllamaVersion) -> str | None:
+# Our patch that runs a draft model without MTP layers, passed as --spec-type draft-mtp, as a classic draft.
+CLASSIC_DRAFT_PATCH = "spec-mtp-fallback"
+
+
+def draft_problem(draft: Path, target: OllamaVersion, *, classic_drafts: bool = False) -> str | None:
     """Why Ollama ``target`` would fail to load a model with ``DRAFT draft``; None when it would not.
 
     Ollama 0.30+ passes every DRAFT to llama-server as ``--spec-type draft-mtp --spec-draft-model X``
-    (``draft-dflash`` for a dflash model; llm/llama_server.go), and the server exits at load when X has no
-    MTP layers: a classic small draft model of the same vocabulary makes the whole model fail to load."""
-    if target.era is not Era.C or not draft.is_file():  # a directory is converted by Ollama: nothing to read
+    (``draft-dflash`` for a dflash model; llm/llama_server.go ``appendDraftArgs``), and a stock server exits at
+    load when X has no MTP layers: a classic small draft model of the same vocabulary makes the whole model fail
+    to load. ``classic_drafts``: Ollama runs our server with :data:`CLASSIC_DRAFT_PATCH`, which runs it."""
+    if classic_drafts or target.era is not Era.C or not draft.is_file():  # a directory is converted by Ollama
         return None
     info = inspect_model(draft)
     if info.architecture == "dflash" or info.n_mtp_layers > 0:
         return None
     return (
         f"Ollama {target} runs a DRAFT as an MTP draft (--spec-type draft-mtp) and {draft.name} "
-        f"({info.architecture}) has no MTP layers, so the model would fail to load"
+        f"({info.architecture}) has no MTP layers, so with Ollama's own llama-server the model would fail to load"
     )
 
 
+def draft_vocabulary_problem(from_model: str, draft: Path) -> str | None:
+    """Why ``draft`` cannot draft for ``from_model`` (llama.cpp's vocabulary check, which makes the server run
+    without speculation); None when they match or ``from_model`` is neither a local GGUF nor in the local
+    Ollama store, so there is nothing to compare."""
+    if not draft.is_file():
+        return None
+    try:
+        target = resolve_model(from_model)
+    except VelollmError:
+        return None
+    compat = draft_compatibility(target, draft)
+    return None if compat.ok else f"DRAFT {draft.name} cannot draft for {from_model}: {compat.reason}"
+
+
 def loadable_draft(
-    parameters: Mapping[str, ParamValue], draft: str | None, target: OllamaVersion,
+    parameters: Mapping[str, ParamValue], draft: str | None, target: OllamaVersion, *, classic_drafts: bool = False,
 ) -> tuple[dict[str, ParamValue], str | None, str | None]:
     """The tuner's DRAFT and draft_num_predict, or neither with a comment saying why, when Ollama ``target``
     would fail to load the model with that draft (see :func:`draft_problem`)."""
-    problem = draft_problem(Path(draft), target) if draft else None
+    problem = draft_problem(Path(draft), target, classic_drafts=classic_drafts) if draft else None
     if problem is None:
         return dict(parameters), draft, None
     kept = {name: value for name, value in parameters.items() if name != "draft_num_predict"}
-    return kept, None, f"no DRAFT: {problem}"
+    return kept, None, f"no DRAFT: {problem} (`velollm-patch ollama install-server` puts in one that runs it)"
 
 
 def tuned_parameters(plan: Plan) -> tuple[dict[str, ParamValue], dict[str, str], str | None]:

@@ -89,6 +89,12 @@ class ServerVersion:
         match = _HEX_PREFIX.match(self.commit)
         return match.group(0).lower() if match else None
 
+    @property
+    def patches(self) -> frozenset[str]:
+        """The names of our patches the build carries (``velollm-L:name,name,...``); empty for others."""
+        _, _, names = self.patch_level.partition(":")
+        return frozenset(n for n in names.split(",") if n)
+
     def same_upstream(self, other: ServerVersion) -> bool:
         mine, theirs = self.upstream_commit, other.upstream_commit
         if mine is None or theirs is None:
@@ -157,6 +163,16 @@ def _bundled(prefix: Path, system: str | None) -> Path:
         raise VelollmError(
             f"{target} does not exist: Ollama before 0.30 has no separate llama-server; upgrade Ollama")
     raise VelollmError(f"{prefix} holds no Ollama 0.30+ install: {target} does not exist")
+
+
+def installed_server(prefix: Path | None = None, *, system: str | None = None) -> ServerVersion | None:
+    """The llama-server the Ollama under ``prefix`` runs (default: the ``ollama`` on PATH); None when no
+    prefix is given and no ollama is on PATH."""
+    if prefix is None:
+        if shutil.which("ollama") is None:
+            return None
+        prefix = default_prefix(system)
+    return server_version(_bundled(prefix, system))
 
 
 def _require_writable(directory: Path) -> None:

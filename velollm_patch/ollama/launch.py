@@ -11,8 +11,8 @@ environment on, with ``LD_LIBRARY_PATH`` led by the server's own directory. The 
 ``server/routes.go`` ``llamaServerConfigForModel`` sets ``DisableJinja`` for models Ollama renders itself.
 
 Only what a CPU-only machine and a text model reach is transcribed: no projector, LoRA, main GPU or
-integrated-GPU direct I/O. Tests start servers with :func:`start_like_ollama` to meet exactly what a real
-Ollama would send.
+integrated-GPU direct I/O. The tests and benchmarks start servers with :func:`start_like_ollama` to meet exactly
+what a real Ollama would send; a change of Ollama's launch is a change here, with the new tag.
 """
 
 from __future__ import annotations
