@@ -86,29 +86,27 @@ def vanilla_server(vanilla_build: InstalledBuild) -> Path:
     return vanilla_build.bin("llama-server")
 
 
+def _requantized(patched_build: InstalledBuild, source: Path, out: Path, ftype: str) -> Path:
+    """``source`` converted to ``ftype`` by llama-quantize, once (kept in the models directory)."""
+    if not out.is_file():
+        partial = out.with_suffix(".partial")
+        quantize = patched_build.bin("llama-quantize")
+        proc.run([str(quantize), "--allow-requantize", str(source), str(partial), ftype])
+        partial.replace(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2_f16_gguf(patched_build: InstalledBuild, smollm2_gguf: Path, paths: Paths) -> Path:
     """SmolLM2-135M as F16, requantized from the Q4_1 demo model: the same weights as the Q4_1 model, so the
     pair is a speculative-decoding target (F16) and draft (Q4_1) with high acceptance."""
-    out = paths.models / "SmolLM2-135M-Instruct.F16.gguf"
-    if not out.is_file():
-        partial = out.with_suffix(".partial")
-        quantize = patched_build.bin("llama-quantize")
-        proc.run([str(quantize), "--allow-requantize", str(smollm2_gguf), str(partial), "F16"])
-        partial.replace(out)
-    return out
+    return _requantized(patched_build, smollm2_gguf, paths.models / "SmolLM2-135M-Instruct.F16.gguf", "F16")
 
 
 @pytest.fixture(scope="session")
 def smollm2_f32_gguf(patched_build: InstalledBuild, smollm2_gguf: Path, paths: Paths) -> Path:
     """SmolLM2-135M as F32 from the Q4_1 demo model: a target whose Q4_1 draft has the same weights."""
-    out = paths.models / "SmolLM2-135M-Instruct.F32.gguf"
-    if not out.is_file():
-        partial = out.with_suffix(".partial")
-        quantize = patched_build.bin("llama-quantize")
-        proc.run([str(quantize), "--allow-requantize", str(smollm2_gguf), str(partial), "F32"])
-        partial.replace(out)
-    return out
+    return _requantized(patched_build, smollm2_gguf, paths.models / "SmolLM2-135M-Instruct.F32.gguf", "F32")
 
 
 def _server_starter(binary: Path, tmp_path: Path, name: str) -> Iterator[Callable[..., serve.RunningServer]]:
