@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from velollm_patch import serve
+from velollm_patch.bench.runner import round_order
 
 # the tuner's balanced CPU plan for SmolLM2 (chat workload), without its flash-attention and KV choices
 BASE = [
@@ -53,7 +54,7 @@ def main() -> int:
     logs = Path(tempfile.mkdtemp(prefix="fa-bench-"))
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     for rep in range(args.reps):
-        for index, name in enumerate(configs if rep % 2 == 0 else reversed(configs)):
+        for index, name in enumerate(round_order(list(configs), rep)):
             binary, flags = configs[name]
             config = serve.ServerConfig(binary, args.model, tuple(flags), log_file=logs / f"{rep}-{index}.log")
             with serve.start_server(config, timeout=120) as server:

@@ -37,6 +37,7 @@ from typing import Any
 import psutil
 
 from velollm_patch import serve
+from velollm_patch.bench.runner import round_order
 
 MiB = 1024 * 1024
 
@@ -264,9 +265,7 @@ def main() -> int:
     selected = [v for v in variants if v in args.variants.split(",")]
     variants = {v: variants[v] for v in selected}
     # rounds of every variant, the order reversed every other round (AB BA ..., ABC CBA ...) so drift cancels
-    order = [
-        (rep, v) for rep in range(max(args.reps, args.heavy_reps)) for v in (selected[:: -1 if rep % 2 else 1])
-    ]
+    order = [(rep, v) for rep in range(max(args.reps, args.heavy_reps)) for v in round_order(selected, rep)]
 
     results: dict[str, Any] = {
         "model": str(args.model),

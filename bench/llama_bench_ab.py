@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from velollm_patch.bench.runner import round_order
+
 
 def run_bench(binary: Path, model: Path, threads: int, extra: list[str]) -> dict[str, float]:
     """tokens/s per test name, e.g. ``pp512`` or ``tg128@d2048``."""
@@ -55,7 +57,7 @@ def main() -> int:
 
     rounds: list[dict[str, Any]] = []
     for i in range(args.rounds):
-        order = ("a", "b") if i % 2 == 0 else ("b", "a")
+        order = round_order(("a", "b"), i)
         got = {k: run_bench(getattr(args, k), args.model, args.threads, args.extra) for k in order}
         ratios = {t: got["b"][t] / got["a"][t] for t in got["a"]}
         rounds.append({"order": "".join(order), "a": got["a"], "b": got["b"], "ratio": ratios})

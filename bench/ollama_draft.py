@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from velollm_patch.bench.runner import round_order
 from velollm_patch.bench.scenarios import Prompt, load_scenario
 from velollm_patch.ollama.launch import OllamaOptions, start_like_ollama
 
@@ -110,9 +111,8 @@ def main() -> None:
     rounds: list[dict[str, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="ollama-draft-") as tmp:
         for i in range(args.rounds):
-            order = variants() if i % 2 == 0 else variants()[::-1]
             measured = {v.name: run_variant(args.server, args.target, args.draft, v, options, work, Path(tmp))
-                        for v in order}
+                        for v in round_order(variants(), i)}
             rounds.append(measured)
             line = ", ".join(f"{name} {m['decode_tps']:.1f} tok/s" for name, m in measured.items())
             print(f"round {i + 1}: {line}", flush=True)

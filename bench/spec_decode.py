@@ -44,6 +44,7 @@ from typing import Any
 import psutil
 
 from velollm_patch import serve
+from velollm_patch.bench.runner import round_order
 from velollm_patch.paths import get_paths
 from velollm_patch.server_flags import read_server_flags
 
@@ -124,10 +125,6 @@ def run_prompts(srv: serve.RunningServer, prompts: list[str], n_predict: int, **
             "draft_n_accepted": accepted, "texts": texts}  # fmt: skip
 
 
-def abab(order: list[str], rep: int) -> list[str]:
-    return order if rep % 2 == 0 else list(reversed(order))
-
-
 def measure_alternating(servers: dict[str, list[serve.RunningServer]], requests: dict[str, dict[str, Any]],
                         prompts: list[str], n_predict: int, reps: int, subject: str,
                         tag: str) -> dict[str, list[dict[str, Any]]]:
@@ -135,7 +132,7 @@ def measure_alternating(servers: dict[str, list[serve.RunningServer]], requests:
     run with the variant's per-request fields; ``subject``'s runs also keep its slot statistics."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     for rep in range(reps):
-        for name in abab(list(servers), rep):
+        for name in round_order(list(servers), rep):
             for i, server in enumerate(servers[name]):
                 r = run_prompts(server, prompts, n_predict, **requests[name])
                 if name == subject:
@@ -287,7 +284,7 @@ def bench_draft_ctx(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     configs = {"draft-ctx-default": [], "draft-ctx-2048": ["--spec-draft-ctx", "2048"]}
     out: dict[str, Any] = {}
     for rep in range(args.reps):
-        for name in abab(list(configs), rep):
+        for name in round_order(list(configs), rep):
             srv = start(args.server, args.target, base + configs[name], log_dir, f"ctx-{name}-{rep}")
             try:
                 idle = srv.rss_bytes()

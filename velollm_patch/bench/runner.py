@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from velollm_patch.bench.metrics import (
     KV_COMMITTED_METRIC,
@@ -32,6 +32,8 @@ from velollm_patch.bench.scenarios import SCENARIO_NAMES, Prompt, Scenario, load
 from velollm_patch.bench.targets import Target, TargetInfo, TargetSpec, open_target, slug
 from velollm_patch.errors import VelollmError
 from velollm_patch.paths import Paths
+
+_T = TypeVar("_T")
 
 RUN_SCHEMA = "velollm-bench-run/1"
 AB_SCHEMA = "velollm-bench-ab/1"
@@ -453,6 +455,13 @@ class ABResult:
         )
 
 
+def round_order(variants: Sequence[_T], number: int) -> list[_T]:
+    """The order to run ``variants`` in, in round ``number`` (from 0): as given, then reversed (AB BA, ABC CBA).
+    With one fixed order a steady drift (a warming CPU, a background job winding down) always favours the same
+    variant; alternating makes its effect change sign from round to round and cancel in the median."""
+    return list(variants) if number % 2 == 0 else list(reversed(variants))
+
+
 def run_ab(
     spec_a: TargetSpec,
     spec_b: TargetSpec,
@@ -468,9 +477,7 @@ def run_ab(
     A fresh server per run, rather than both kept warm: memory is part of the measurement and only
     ever grows within a process (peak RSS, lazily committed KV), so a run must not inherit the
     previous round's high-water mark; and never two servers at once, which on a small machine
-    would compete for the same cores. The order alternates, AB then BA: with a fixed AB order a
-    steady drift (a warming CPU, a background job winding down) would always favour the same side,
-    while alternating makes its effect change sign from round to round and cancel in the median.
+    would compete for the same cores. The order alternates, AB then BA (:func:`round_order`).
     """
     if rounds < 1:
         raise VelollmError("--rounds must be at least 1")
@@ -482,7 +489,7 @@ def run_ab(
     )
     try:
         for number in range(rounds):
-            current = ABRound(order="AB" if number % 2 == 0 else "BA")
+            current = ABRound(order="".join(round_order("AB", number)))
             ab.rounds.append(current)
             for side in current.order.lower():
                 spec = spec_a if side == "a" else spec_b
