@@ -38,8 +38,7 @@ import psutil
 
 from velollm_patch import serve
 from velollm_patch.bench.runner import round_order
-
-MiB = 1024 * 1024
+from velollm_patch.units import MiB
 
 FILL_TEXT = (
     "In the quiet valley the river ran slowly past the old mill, and the miller counted the sacks of "

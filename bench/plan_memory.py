@@ -34,8 +34,7 @@ from kv_memory import fill_text  # bench/kv_memory.py, beside this script
 from velollm_patch import builds, hardware, serve, tune
 from velollm_patch.bench.metrics import MemorySampler
 from velollm_patch.paths import get_paths
-
-MiB = 1024 * 1024
+from velollm_patch.units import MiB
 
 
 def main() -> int:

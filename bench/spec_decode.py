@@ -47,8 +47,8 @@ from velollm_patch import serve
 from velollm_patch.bench.runner import round_order
 from velollm_patch.paths import get_paths
 from velollm_patch.server_flags import read_server_flags
+from velollm_patch.units import MiB
 
-MiB = 1024 * 1024
 # no speculation, with the kernels speculation runs on (patch 0013): the lossless reference
 BATCH_INVARIANT = ["--spec-batch-invariant", "on"]
 

@@ -75,8 +75,8 @@ from velollm_patch.errors import VelollmError, one_line
 from velollm_patch.model import inspect_model
 from velollm_patch.paths import Paths, ensure_dir, get_paths
 from velollm_patch.server_flags import read_server_flags
+from velollm_patch.units import MiB
 
-MiB = 1024 * 1024
 REPORT_SCHEMA = "velollm-gpu-check/1"
 REPORT_JSON = "gpu-check.json"
 REPORT_MD = "gpu-check.md"

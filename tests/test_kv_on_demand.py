@@ -32,12 +32,12 @@ from velollm_patch.bench.scenarios import PROMPTS_DIR
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.serve import RunningServer
 from velollm_patch.tune import CPU_REPACK_Q8_0_PATCH
+from velollm_patch.units import MiB
 
 StartServer = Callable[..., RunningServer]
 
 pytestmark = pytest.mark.slow
 
-MiB = 1024 * 1024
 
 # A fixed prompt; repeated to fill the KV cache with a known number of tokens.
 PROMPT = "The quick brown fox jumps over the lazy dog. Write a short story about a fox and a dog.\n"

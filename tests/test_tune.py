@@ -25,7 +25,7 @@ from velollm_patch.build import TUNABLE_KV_PAIRS
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.cli import main
 from velollm_patch.errors import VelollmError
-from velollm_patch.hardware import GiB, HardwareInfo, MiB, VulkanDevice
+from velollm_patch.hardware import HardwareInfo, VulkanDevice
 from velollm_patch.model import ModelInfo, find_draft_candidates, inspect_model
 from velollm_patch.paths import Paths
 from velollm_patch.serve import Device
@@ -51,6 +51,7 @@ from velollm_patch.tune import (
     server_outputs,
     widened_q5_0_extra_bytes,
 )
+from velollm_patch.units import GiB, MiB
 
 HELP_EXCERPT = """\
 ----- common params -----

@@ -26,10 +26,11 @@ from velollm_patch.build import BuildOptions, plan_build, run_build
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.cli import main
 from velollm_patch.errors import VelollmError
-from velollm_patch.hardware import HardwareInfo, MiB, Tool
+from velollm_patch.hardware import HardwareInfo, Tool
 from velollm_patch.model import inspect_model
 from velollm_patch.paths import Paths
 from velollm_patch.tune import BuildFacts, TuneRequest
+from velollm_patch.units import MiB
 
 VULKAN_CORE_H = """\
 #define VK_HEADER_VERSION {patch}

@@ -29,11 +29,10 @@ import psutil
 from velollm_patch import proc
 from velollm_patch.errors import VelollmError
 from velollm_patch.paths import get_paths
+from velollm_patch.units import GiB, MiB
 
 log = logging.getLogger("velollm_patch.hardware")
 
-GiB = 1024**3
-MiB = 1024**2
 
 # Every helper tool answers --version or a query in well under a second; the limit only guards
 # against a hung driver stack (rocm-smi waiting on a wedged GPU) stalling `detect` forever.

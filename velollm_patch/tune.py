@@ -31,7 +31,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from velollm_patch import models, proc, serve
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.errors import VelollmError
-from velollm_patch.hardware import GiB, GPUInfo, HardwareInfo, MiB
+from velollm_patch.hardware import GPUInfo, HardwareInfo
 from velollm_patch.model import (
     KV_CACHE_TYPES,
     DraftCandidate,
@@ -42,6 +42,7 @@ from velollm_patch.model import (
 )
 from velollm_patch.paths import Paths
 from velollm_patch.server_flags import ServerFlags, read_server_flags
+from velollm_patch.units import GiB, MiB
 
 log = logging.getLogger("velollm_patch.tune")
 

@@ -21,8 +21,8 @@ from velollm_patch.bench.runner import ABResult, RunResult
 from velollm_patch.bench.targets import TargetInfo
 from velollm_patch.errors import VelollmError
 from velollm_patch.hardware import HardwareInfo
+from velollm_patch.units import MiB
 
-MiB = 1024**2
 CHART_DPI = 110
 REPORT_NAME = "report.md"
 
