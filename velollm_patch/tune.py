@@ -541,7 +541,9 @@ def _spec_types(flags: ServerFlags) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-class _Planner:
+class _ServerPlanner:
+    """Plans llama-server's settings for one model on one machine and build (ollama/config.py plans Ollama's)."""
+
     def __init__(self, model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneRequest) -> None:
         self.model = model
         self.hw = hw
@@ -1105,7 +1107,7 @@ def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: 
     if device == 0:
         # The dry run counts the repacked copies (CPU_REPACK, AMX) of the weights in no row, and counts their
         # mapped originals out of the model row; both are resident while the file is mapped (the originals are
-        # read to repack them; _Planner.load_mode plans reading instead and takes them out again).
+        # read to repack them; _ServerPlanner.load_mode plans reading instead and takes them out again).
         repack = model.tensor_bytes - weights
         repack = repack if repack >= MiB else 0  # the rows are whole MiB: less is rounding, not repacking
         weights += repack
@@ -1136,7 +1138,7 @@ def plan(model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneReq
     """Choose every knob for serving ``model`` on ``hw`` with ``build``; every choice carries its reason."""
     req = request or TuneRequest()
     req.validate()
-    p = _Planner(model, hw, build, req)
+    p = _ServerPlanner(model, hw, build, req)
     backend = p.backend()
     ctx, slots = p.context()
     flash_attn = p.flash_attention(backend)
@@ -1197,7 +1199,7 @@ def plan(model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneReq
     )
 
 
-def _offload(p: _Planner, model: ModelInfo, s: Settings, fits_fully: bool) -> tuple[Settings, bool]:
+def _offload(p: _ServerPlanner, model: ModelInfo, s: Settings, fits_fully: bool) -> tuple[Settings, bool]:
     """GPU layers: the build's llama-fit-params decides when present; otherwise the arithmetic."""
     n_offloadable = model.n_layers + 1  # the output layer is offloaded as one more "layer"
     build = p.build
