@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_ollama_install import FakeOllamaInstall, StoredModel, add_model, make_fake_install
 from velollm_patch import hardware, models, proc, serve
 from velollm_patch.build import BuildOptions, plan_build, run_build
 from velollm_patch.builds import InstalledBuild
@@ -107,6 +108,24 @@ def smollm2_f16_gguf(patched_build: InstalledBuild, smollm2_gguf: Path, paths: P
 def smollm2_f32_gguf(patched_build: InstalledBuild, smollm2_gguf: Path, paths: Paths) -> Path:
     """SmolLM2-135M as F32 from the Q4_1 demo model: a target whose Q4_1 draft has the same weights."""
     return _requantized(patched_build, smollm2_gguf, paths.models / "SmolLM2-135M-Instruct.F32.gguf", "F32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_ollama_store(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> StoredModel:
+    """SmolLM2 as ``smollm2:135m`` in an Ollama model store of its own, written as ``ollama create`` writes it
+    (see tests/fake_ollama_install.py). Shared by the session: a test that breaks a store makes its own."""
+    return add_model(tmp_path_factory.mktemp("ollama-store"), "smollm2:135m", smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def fake_ollama_install(
+    tmp_path_factory: pytest.TempPathFactory, vanilla_server: Path, smollm2_gguf: Path
+) -> FakeOllamaInstall:
+    """A Linux Ollama 0.33 install whose bundled llama-server is the upstream build and whose store holds
+    ``smollm2:135m`` (see tests/fake_ollama_install.py). Shared by the session: a test that changes it (an
+    install-server) makes its own with ``make_fake_install``."""
+    root = tmp_path_factory.mktemp("ollama-install")
+    return make_fake_install(root, vanilla_server, [("smollm2:135m", smollm2_gguf)])
 
 
 def _server_starter(binary: Path, tmp_path: Path, name: str) -> Iterator[Callable[..., serve.RunningServer]]:

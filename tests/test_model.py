@@ -661,6 +661,8 @@ def test_resolve_paths(tiny: Path, tmp_path: Path) -> None:
         ("library/x:tag", ("registry.ollama.ai", "library", "x", "tag")),
         ("someone/x", ("registry.ollama.ai", "someone", "x", "latest")),
         ("hub.example.com:5000/ns/x:q4_K_M", ("hub.example.com:5000", "ns", "x", "q4_K_M")),
+        # isValidPart (types/model/name.go) lets a part start with "_"
+        ("_ns/_x:_t", ("registry.ollama.ai", "_ns", "_x", "_t")),
     ],
 )
 def test_resolve_ollama_names(
@@ -689,8 +691,10 @@ def test_resolve_ollama_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     assert str(err.value) == (
         f"model 'x:y' not found in the Ollama store at {store}; run `ollama pull x:y` or pass a GGUF path"
     )
-    with pytest.raises(VelollmError, match="neither a GGUF file nor a valid Ollama model name"):
-        resolve_model("bad name!")
+    # Names Ollama never stores (types/model/name.go): a space, a "." in a namespace, a tag over 80 characters.
+    for bad in ("bad name!", "my.ns/x", "x:" + "t" * 81):
+        with pytest.raises(VelollmError, match="neither a GGUF file nor a valid Ollama model name"):
+            resolve_model(bad)
     blob = _ollama_store(store, ("registry.ollama.ai", "library", "gone", "latest"), tiny)
     blob.unlink()
     with pytest.raises(VelollmError, match=r"lacks the weights of 'gone:latest'.*run `ollama pull gone:latest`"):
@@ -698,7 +702,7 @@ def test_resolve_ollama_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     manifest = store / "manifests" / "registry.ollama.ai" / "library" / "junk" / "latest"
     manifest.parent.mkdir(parents=True)
     manifest.write_text("{not json")
-    with pytest.raises(VelollmError, match="cannot read the Ollama manifest"):
+    with pytest.raises(VelollmError, match=r"manifest .*junk/latest is not JSON .*run `ollama pull junk:latest`"):
         resolve_model("junk")
     assert list_ollama_models() == []
 

@@ -175,6 +175,41 @@ def test_era_c_passes_llama_args_ollama_does_not_set() -> None:
     assert value is None and "sets this llama-server option itself" in why
 
 
+def test_unchecked_server_gets_only_the_llama_args_ollama_documents() -> None:
+    # Without a look at the llama-server Ollama runs, a patched-only variable could be one an upstream server
+    # ignores (LLAMA_ARG_KV_ON_DEMAND) or one whose value stops it (LLAMA_ARG_LAZY_MODE=embd).
+    plan = plan_for(llama_args={"LLAMA_ARG_FIT": "on", "LLAMA_ARG_KV_ON_DEMAND": "1", "LLAMA_ARG_LAZY_MODE": "embd"})
+    assert rec(plan, "LLAMA_ARG_FIT")[0] == "on"
+    for name in ("LLAMA_ARG_KV_ON_DEMAND", "LLAMA_ARG_LAZY_MODE"):
+        value, why = rec(plan, name)
+        assert value is None and "was not checked" in why
+    assert set(plan.values()) >= {"LLAMA_ARG_FIT"} and "LLAMA_ARG_LAZY_MODE" not in plan.values()
+
+
+def test_llama_args_the_server_does_not_take_are_not_recommended() -> None:
+    checked: list[tuple[str, str]] = []
+
+    def check(name: str, value: str) -> str | None:
+        checked.append((name, value))
+        return "the server has no such option" if name == "LLAMA_ARG_KV_ON_DEMAND" else None
+
+    plan = plan_for(llama_args={"LLAMA_ARG_FIT_TARGET": "512", "LLAMA_ARG_KV_ON_DEMAND": "1",
+                                "LLAMA_ARG_CACHE_RAM": "360", "LLAMA_ARG_THREADS": "2"},
+                    llama_arg_check=check)
+    assert rec(plan, "LLAMA_ARG_KV_ON_DEMAND") == (None, "the server has no such option")
+    assert rec(plan, "LLAMA_ARG_FIT_TARGET")[0] == "512" and rec(plan, "LLAMA_ARG_CACHE_RAM")[0] == "360"
+    # What Ollama owns is refused before the server is asked.
+    assert ("LLAMA_ARG_THREADS", "2") not in checked and rec(plan, "LLAMA_ARG_THREADS")[0] is None
+
+
+def test_a_per_slot_context_cap_is_ollamas() -> None:
+    # llama-server caps each slot at LLAMA_ARG_KV_UNIFIED_PER_SLOT even with -c and -np given, below the num_ctx
+    # Ollama sized the slots for.
+    value, why = rec(plan_for(llama_args={"LLAMA_ARG_KV_UNIFIED_PER_SLOT": "2048"},
+                              llama_arg_check=lambda name, value: None), "LLAMA_ARG_KV_UNIFIED_PER_SLOT")
+    assert value is None and "sets this llama-server option itself" in why
+
+
 def test_not_a_llama_arg() -> None:
     with pytest.raises(VelollmError, match="not a llama-server environment variable"):
         plan_for(llama_args={"CUDA_VISIBLE_DEVICES": "0"})
@@ -339,7 +374,7 @@ def test_apply_into_a_read_only_directory(tmp_path: Path) -> None:
 
 
 def test_values_that_formats_cannot_carry_are_refused() -> None:
-    plan = plan_for(llama_args={"LLAMA_ARG_ALIAS": "a b%"})
+    plan = plan_for(llama_args={"LLAMA_ARG_ALIAS": "a b%"}, llama_arg_check=lambda name, value: None)
     with pytest.raises(VelollmError, match="cannot carry"):
         render_config(plan, ConfigFormat.SYSTEMD)
 

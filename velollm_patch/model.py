@@ -34,6 +34,7 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from velollm_patch.errors import VelollmError, plain
+from velollm_patch.files import read_limited
 
 log = logging.getLogger("velollm_patch.model")
 
@@ -977,10 +978,16 @@ def inspect_model(path: Path) -> ModelInfo:
 # Finding models: paths and the Ollama store
 # --------------------------------------------------------------------------------------------
 
-_OLLAMA_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_OLLAMA_HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
-_OLLAMA_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
+# Ollama's isValidPart (types/model/name.go, tag v0.33.0-rc2): a part starts with a letter, digit or "_" and
+# goes on with those and "-", "." (not in a namespace) and ":" (only in a host); hosts have up to 350
+# characters, the other parts 80. A name outside these rules is one Ollama never stores.
+_OLLAMA_HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}")
+_OLLAMA_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}")
+_OLLAMA_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}")  # a model or a tag
+# manifest.BlobsPath (manifest/paths.go) takes either case and names the blob sha256-<hex> as written.
+_DIGEST_RE = re.compile(r"sha256:([0-9a-fA-F]{64})")
+# A manifest lists a few layers in a few hundred bytes; the bound keeps a wrong file from being read whole.
+_MAX_MANIFEST_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -1013,9 +1020,9 @@ def _parse_ollama_name(ref: str) -> _OllamaName | None:
         return None
     ok = (
         _OLLAMA_HOST_RE.fullmatch(host)
-        and _OLLAMA_PART.fullmatch(namespace)
+        and _OLLAMA_NAMESPACE_RE.fullmatch(namespace)
         and _OLLAMA_PART.fullmatch(model)
-        and _OLLAMA_TAG_RE.fullmatch(tag)
+        and _OLLAMA_PART.fullmatch(tag)
     )
     return _OllamaName(host, namespace, model, tag) if ok else None
 
@@ -1030,24 +1037,30 @@ def ollama_stores() -> list[Path]:
 
 
 def _ollama_blob(store: Path, manifest: Path, name: str) -> Path:
-    """The model blob a manifest points to."""
+    """The model blob a manifest points to (manifest.Manifest in manifest/manifest.go: a Docker v2 manifest
+    whose layer of media type application/vnd.ollama.image.model holds the GGUF)."""
+    again = f"run `ollama pull {name}` to fetch it again"
     try:
-        doc = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VelollmError(f"cannot read the Ollama manifest {manifest}: {e}") from None
+        doc = json.loads(read_limited(manifest, _MAX_MANIFEST_BYTES, "Ollama manifest").decode("utf-8"))
+    except VelollmError as e:
+        raise VelollmError(f"{e}; {again}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VelollmError(f"the Ollama manifest {manifest} is not JSON ({e}); {again}") from None
     layers = doc.get("layers") if isinstance(doc, dict) else None
     for layer in layers if isinstance(layers, list) else []:
         if isinstance(layer, dict) and layer.get("mediaType") == _OLLAMA_MODEL_MEDIA_TYPE:
             match = _DIGEST_RE.fullmatch(str(layer.get("digest", "")))
             if match is None:
-                raise VelollmError(f"the Ollama manifest {manifest} has a malformed model digest")
+                raise VelollmError(f"the Ollama manifest {manifest} has a malformed model digest; {again}")
             blob = store / "blobs" / f"sha256-{match.group(1)}"
             if not blob.is_file():
                 raise VelollmError(
                     f"the Ollama store at {store} lacks the weights of '{name}' ({blob.name}); run `ollama pull {name}`"
                 )
             return blob
-    raise VelollmError(f"the Ollama manifest {manifest} has no model layer")
+    if not isinstance(layers, list):
+        raise VelollmError(f"the Ollama manifest {manifest} lists no layers; {again}")
+    raise VelollmError(f"'{name}' has no GGUF weights (its manifest {manifest} has no model layer); pass a GGUF file")
 
 
 def _looks_like_path(ref: str) -> bool:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,10 @@ class ServerFlags:
         """Accepted options with ``word`` in one of their names (e.g. a patch's new switch)."""
         return [s for s in self.flags if not s.removed and any(word in n for n in s.all_names)]
 
+    def env_names(self) -> frozenset[str]:
+        """The ``LLAMA_ARG_*`` (and other) variables this binary's options read."""
+        return frozenset(spec.env for spec in self.flags if spec.env and not spec.removed)
+
     def env_assignment(self, name: str, value: str | None) -> tuple[str, str] | None:
         """(variable, value) that has the effect of ``name [value]`` on the command line; None when
         the option has no environment variable. A switch reads 1 or 0 (common_arg_utils::is_truthy)."""
@@ -219,3 +224,36 @@ def read_server_flags(binary: Path, paths: Paths) -> ServerFlags:
     tmp.write_text(json.dumps(found.to_dict(), indent=1) + "\n")
     tmp.replace(cached)
     return found
+
+
+# How llama-server words a variable it cannot take (common_params_parse_ex in common/arg.cpp).
+_ENV_ERROR = re.compile(r'error while handling environment variable "([A-Z0-9_]+)": *(.*)', re.IGNORECASE)
+
+
+def llama_arg_problem(binary: Path, flags: ServerFlags, name: str, value: str) -> str | None:
+    """Why ``binary`` started with ``name=value`` in its environment would not get that setting, or None
+    when it does. No option reads a variable missing from the help, so llama-server silently ignores it (a
+    patched-only variable under an upstream server). A value the option cannot take (a patched-only value,
+    a word for a number) stops the server before it loads anything: llama-server reads the environment
+    before the command line, so ``--version`` with the variable set tries the value without a model."""
+    if name not in flags.env_names():
+        return f"{binary} has no option that reads {name}, so it would be ignored"
+    # Only this variable of llama-server's: one inherited from this process must not decide the answer.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
+    env[name] = value
+    try:
+        result = subprocess.run([binary, "--version"], env=env, capture_output=True, text=True, errors="replace",
+                                timeout=HELP_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VelollmError(f"cannot run {binary} --version: {exc}") from exc
+    if result.returncode == 0:
+        return None
+    output = result.stdout + result.stderr
+    match = _ENV_ERROR.search(output)
+    if match is not None and match.group(1) == name:
+        # std::stoi/stof name themselves in the exception llama-server prints for a non-number.
+        detail = match.group(2).strip()
+        detail = "not a number" if detail in ("stoi", "stof", "stoul", "stoull") else detail or "invalid value"
+        return f"{binary} refuses {name}={value} ({detail}) and would not start"
+    last = (output.strip().splitlines() or ["no output"])[-1]
+    raise VelollmError(f"{binary} --version failed (exit {result.returncode}) with {name}={value}: {last}")

@@ -90,13 +90,18 @@ RECOMMENDED_KV_TYPE = "q8_0"
 # llama-server options Ollama >= 0.30 sets on the command line (or leaves unset on purpose so
 # llama-server's auto-fit decides, as with -ngl for num_gpu -1). An explicit flag beats the
 # environment, and an inherited value for the rest would override Ollama's own choice for
-# every model, so these are never passed through.
+# every model, so these are never passed through. LLAMA_ARG_KV_UNIFIED_PER_SLOT is no flag Ollama
+# passes, but it caps every slot below the num_ctx Ollama sizes them for with -c and -np
+# (llama-server logs "capping per-slot context"), so it is Ollama's too.
 OLLAMA_OWNED_LLAMA_ARGS = frozenset((
     "LLAMA_ARG_MODEL", "LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_CTX_SIZE",
     "LLAMA_ARG_N_PARALLEL", "LLAMA_ARG_BATCH", "LLAMA_ARG_UBATCH", "LLAMA_ARG_N_GPU_LAYERS",
     "LLAMA_ARG_SPLIT_MODE", "LLAMA_ARG_MAIN_GPU", "LLAMA_ARG_THREADS", "LLAMA_ARG_CACHE_TYPE_K",
-    "LLAMA_ARG_CACHE_TYPE_V", "LLAMA_ARG_FLASH_ATTN", "LLAMA_ARG_SPEC_TYPE",
+    "LLAMA_ARG_CACHE_TYPE_V", "LLAMA_ARG_FLASH_ATTN", "LLAMA_ARG_SPEC_TYPE", "LLAMA_ARG_KV_UNIFIED_PER_SLOT",
 ))
+# The llama-server variables Ollama documents itself (envconfig.AsMap in envconfig/config.go, tag
+# v0.33.0-rc2): every llama-server an Ollama 0.30+ runs reads them, so they need no check of that server.
+OLLAMA_DOCUMENTED_LLAMA_ARGS = frozenset(("LLAMA_ARG_FIT", "LLAMA_ARG_FIT_TARGET"))
 _LLAMA_ARG = re.compile(r"LLAMA_ARG_[A-Z0-9_]+")
 # Characters every output format can carry without quoting rules of its own (systemd treats
 # % and \ specially, env files have no quoting at all).
@@ -190,7 +195,10 @@ class RecommendationInputs:
     """Everything a recommendation depends on. ``vram_bytes`` is the total over all GPUs (0: no
     GPU; None: unknown), ``models`` the loaded models, ``parallel_requests`` how many requests
     should run at once, ``llama_args`` the ``LLAMA_ARG_*`` settings our patched llama-server's
-    features want passed through."""
+    features want passed through. ``llama_arg_check`` says why the llama-server Ollama runs would not
+    take ``NAME=value`` (None when it takes it; see :func:`velollm_patch.server_flags.llama_arg_problem`):
+    an upstream server reads no patched-only variable and refuses patched-only values. Without it only
+    :data:`OLLAMA_DOCUMENTED_LLAMA_ARGS` are recommended."""
 
     vram_bytes: int | None = None
     ram_bytes: int | None = None
@@ -200,6 +208,7 @@ class RecommendationInputs:
     ollama_version: str | None = None
     parallel_requests: int = 1
     llama_args: Mapping[str, str] = field(default_factory=dict, hash=False)
+    llama_arg_check: Callable[[str, str], str | None] | None = field(default=None, hash=False, compare=False)
 
     @property
     def gpus(self) -> int:
@@ -779,6 +788,7 @@ class _Planner:
                  " time; 30m keeps it through a working session and still frees memory when idle")
 
     def llama_args(self) -> None:
+        check = self.inputs.llama_arg_check
         for name, value in self.inputs.llama_args.items():
             if not _LLAMA_ARG.fullmatch(name):
                 raise VelollmError(f"not a llama-server environment variable: {name}")
@@ -789,6 +799,11 @@ class _Planner:
             elif name in OLLAMA_OWNED_LLAMA_ARGS:
                 self.add(name, None, f"Ollama sets this llama-server option itself for each model;"
                                      f" {name} would fight it")
+            elif check is None and name not in OLLAMA_DOCUMENTED_LLAMA_ARGS:
+                self.add(name, None, "the llama-server Ollama runs was not checked for it, and an upstream one"
+                                     " ignores a patched-only variable or stops at a patched-only value")
+            elif check is not None and (problem := check(name, value)) is not None:
+                self.add(name, None, problem)
             else:
                 self.add(name, value, "passed through to llama-server: Ollama 0.30+ starts it with the"
                                       " server's environment and does not set this option itself")

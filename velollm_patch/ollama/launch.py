@@ -98,13 +98,14 @@ def ollama_env(server: Path, inherited: Mapping[str, str]) -> dict[str, str]:
 
 def start_like_ollama(
     server: Path, model: Path, log_file: Path, options: OllamaOptions = OllamaOptions(), *,
-    draft: Path | None = None, num_parallel: int = 1, kv_cache_type: str = "",
+    draft: Path | None = None, num_parallel: int = 1, kv_cache_type: str = "", flash_attention: bool | None = None,
     ollama_environment: Mapping[str, str] | None = None, timeout: float = 300,
 ) -> serve.RunningServer:
     """Start ``server`` as Ollama would for ``model``: exactly :func:`ollama_argv`, in :func:`ollama_env`,
     with ``ollama_environment`` (default: this process's) as the environment Ollama itself runs in."""
     port = serve.free_port()
-    argv = ollama_argv(model, port, options, num_parallel=num_parallel, draft=draft, kv_cache_type=kv_cache_type)
+    argv = ollama_argv(model, port, options, num_parallel=num_parallel, draft=draft, kv_cache_type=kv_cache_type,
+                       flash_attention=flash_attention)
     env = ollama_env(server, os.environ if ollama_environment is None else ollama_environment)
     config = serve.ServerConfig(binary=server, model=model, env=env, port=port, log_file=log_file)
     return serve.start_server(config, argv=argv, timeout=timeout)
