@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.fake_ollama import FakeModel
-from tests.ollama_launch import OllamaOptions
 from velollm_patch.model import inspect_model
+from velollm_patch.ollama.launch import OllamaOptions
 
 # The release the install stands for (version.Version of the CLI stand-in); FakeOllama reports the same.
 OLLAMA_VERSION = "0.33.0"

@@ -42,7 +42,6 @@ from tests.fake_ollama_install import (
     write_ollama_cli,
 )
 from tests.helpers import write_gguf
-from tests.ollama_launch import start_like_ollama
 from velollm_patch import hardware, serve
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.cli import main
@@ -57,6 +56,7 @@ from velollm_patch.ollama.config import (
     read_config_file,
     recommend,
 )
+from velollm_patch.ollama.launch import start_like_ollama
 from velollm_patch.ollama.server_swap import bundled_server_path, default_prefix
 from velollm_patch.paths import Paths
 from velollm_patch.server_flags import llama_arg_problem, read_server_flags
