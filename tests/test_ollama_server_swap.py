@@ -14,6 +14,7 @@ import itertools
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -27,17 +28,23 @@ from click.testing import CliRunner
 from velollm_patch.cli_ollama import ollama
 from velollm_patch.errors import VelollmError
 from velollm_patch.ollama import server_swap
+from velollm_patch.ollama.pins import LlamaCppRelease, ollama_pin
 from velollm_patch.ollama.server_swap import (
     ServerVersion,
     bundled_server_path,
     install_server,
+    parse_ollama_version,
     parse_server_version,
     restore_server,
     server_version,
 )
+from velollm_patch.ollama.versions import OllamaVersion
 
 OLLAMA_LINE = "version: 0.5.0-dev (build 1, commit 0c1e570)"
 OURS_LINE = "version: 0.5.0-dev (build 4242, commit 0c1e570+velollm-v1)"
+# What Ollama 0.32.15+ bundles: llama.cpp b10488, as its release binaries print it.
+B10488_LINE = "version: 0.1.2-dev (build 10488, commit 9d77fa172)"
+DATA = Path(__file__).parent / "data" / "ollama"
 
 
 def script(path: Path, version_lines: list[str], guard: str = "") -> Path:
@@ -50,11 +57,37 @@ def script(path: Path, version_lines: list[str], guard: str = "") -> Path:
     return path
 
 
-def ollama_prefix(root: Path, line: str = OLLAMA_LINE) -> Path:
+def ollama_cli(path: Path, version: str) -> Path:
+    """``ollama --version`` as cmd/cmd.go prints it when no server answers (install-server points it at none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n[ \"$1\" = --version ] || exit 1\n"
+                    "echo 'Warning: could not connect to a running Ollama instance'\n"
+                    f"echo 'Warning: client version is {version}'\n")
+    path.chmod(0o755)
+    return path
+
+
+# lib/ollama of a Linux Ollama 0.30+ (llama/server/CMakeLists.txt "Install layout under lib/ollama"): the
+# server, the shared ggml with its version links, every CPU variant, and one folder per GPU backend.
+CPU_VARIANTS = ("x64", "sse42", "sandybridge", "haswell", "skylakex", "icelake", "alderlake", "sapphirerapids")
+GPU_LIBS = ("cuda_v12/libggml-cuda.so", "cuda_v12/libcublas.so.12", "cuda_v13/libggml-cuda.so",
+            "rocm_v7_2/libggml-hip.so", "vulkan/libggml-vulkan.so")
+
+
+def ollama_prefix(root: Path, line: str = OLLAMA_LINE, version: str = "0.33.0") -> Path:
     prefix = root / "usr"
-    script(prefix / "bin" / "ollama", ["ollama version is 0.33.0"])
-    script(bundled_server_path(prefix, "Linux"), [line])
-    (prefix / "lib" / "ollama" / "libggml-base.so").write_bytes(b"ollama's own library")
+    ollama_cli(prefix / "bin" / "ollama", version)
+    lib_dir = bundled_server_path(prefix, "Linux").parent
+    script(lib_dir / "llama-server", [line])
+    for name in ("libggml-base", "libggml", "libllama"):
+        (lib_dir / f"{name}.so.0.9.7").write_bytes(f"Ollama's own {name}".encode())
+        (lib_dir / f"{name}.so.0").symlink_to(f"{name}.so.0.9.7")
+        (lib_dir / f"{name}.so").symlink_to(f"{name}.so.0")
+    for variant in CPU_VARIANTS:
+        (lib_dir / f"libggml-cpu-{variant}.so").write_bytes(f"Ollama's CPU backend for {variant}".encode())
+    for name in GPU_LIBS:
+        (lib_dir / name).parent.mkdir(exist_ok=True)
+        (lib_dir / name).write_bytes(f"Ollama's {name}".encode())
     return prefix
 
 
@@ -62,8 +95,18 @@ def our_server(root: Path, line: str = OURS_LINE) -> Path:
     return script(root / "build" / "bin" / "llama-server", [line, "velollm patch level: 1"])
 
 
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+def snapshot(directory: Path) -> dict[str, tuple[object, ...]]:
+    """Everything under ``directory``: each file's bytes and mode, each link's target, each folder's mode."""
+    state: dict[str, tuple[object, ...]] = {}
+    for path in sorted(directory.rglob("*")):
+        name = str(path.relative_to(directory))
+        if path.is_symlink():
+            state[name] = ("link", os.readlink(path))
+        elif path.is_dir():
+            state[name] = ("dir", stat.S_IMODE(path.stat().st_mode))
+        else:
+            state[name] = ("file", path.read_bytes(), stat.S_IMODE(path.stat().st_mode))
+    return state
 
 
 def version_of(binary: Path) -> str:
@@ -134,29 +177,140 @@ def test_second_install_keeps_the_first_backup(tmp_path: Path) -> None:
     assert restore_server(prefix, system="Linux").restored.build == 1
 
 
-def test_commit_mismatch_is_refused_unless_forced(tmp_path: Path) -> None:
-    prefix = ollama_prefix(tmp_path)
+def test_commit_mismatch_names_the_source_that_matches(tmp_path: Path) -> None:
+    prefix = ollama_prefix(tmp_path)  # Ollama's server is 0c1e570, which our 0.3.36 source and series are
     ours = our_server(tmp_path, "version: 0.5.0-dev (build 9, commit 1f2e3d4)")
     before = snapshot(prefix)
     with pytest.raises(VelollmError) as info:
         install_server(prefix, ours, system="Linux")
-    assert "llama.cpp 0c1e570, ours is 1f2e3d4" in str(info.value) and "--force" in str(info.value)
+    assert str(info.value) == (
+        "Ollama 0.33.0's llama-server is llama.cpp b11312 (0c1e57098) and ours is 1f2e3d4 (build 9): Ollama's compat"
+        " patches and server flags are made for its own; build ours from it with `velollm-patch build --source"
+        " pypi:llama-cpp-python==0.3.36`, or pass --force to install anyway")
     assert snapshot(prefix) == before
     result = install_server(prefix, ours, force=True, system="Linux")
-    assert result.forced and version_of(bundled_server_path(prefix, "Linux")).endswith("commit 1f2e3d4)")
+    assert result.forced and result.overridden == (str(info.value).split(";")[0],)
+    assert version_of(bundled_server_path(prefix, "Linux")).endswith("commit 1f2e3d4)")
+
+
+@pytest.mark.parametrize("line", [B10488_LINE, "version: 0.1.2-dev (build 1, commit 9d77fa172)"],
+                         ids=["release-build", "shallow-clone"])
+def test_ollamas_b10488_against_our_pin(tmp_path: Path, line: str) -> None:
+    """What Ollama 0.33 really bundles against what our series supports: no source of ours matches it yet."""
+    prefix = ollama_prefix(tmp_path, line)
+    before = snapshot(prefix)
+    with pytest.raises(VelollmError) as info:
+        install_server(prefix, our_server(tmp_path, "version: 0.5.0-dev (build 0, commit 0c1e570+velollm.21)"),
+                       system="Linux")
+    assert str(info.value) == (
+        "Ollama 0.33.0's llama-server is llama.cpp b10488 (9d77fa172) and ours is b11312 (0c1e57098): Ollama's"
+        " compat patches and server flags are made for its own; velollm-patch has no patch series for b10488"
+        " (series exist for 0c1e570), so pass --force to install anyway")
+    assert snapshot(prefix) == before
+
+
+def test_a_server_built_without_git_is_taken_for_its_releases_pin(tmp_path: Path) -> None:
+    prefix = ollama_prefix(tmp_path, "version: 0.1.2-dev (build 0, commit unknown)")
+    assert install_server(prefix, our_server(tmp_path, "version: 0.1.2-dev (build 0, commit 9d77fa172+velollm.1)"),
+                          system="Linux").overridden == ()
+    restore_server(prefix, system="Linux")
+    with pytest.raises(VelollmError, match="^Ollama 0.33.0's llama-server is llama.cpp b10488 \\(9d77fa172\\) per its"
+                       " LLAMA_CPP_VERSION and ours is b11312 \\(0c1e57098\\): .*no patch series for b10488"):
+        install_server(prefix, our_server(tmp_path), system="Linux")
+
+
+def test_pins_of_every_ollama_release() -> None:
+    """The table against LLAMA_CPP_VERSION as read at every v0.30+ tag of ollama/ollama."""
+    lines = [line.split() for line in (DATA / "llama_cpp_version_by_tag.txt").read_text().splitlines()
+             if not line.startswith("#")]
+    assert len(lines) == 104
+    for tag, pin in lines:
+        version = OllamaVersion.parse(tag)
+        expected = None if version < OllamaVersion(0, 30, 0) else pin  # the 0.30.0 release candidates
+        found = ollama_pin(version)
+        assert (found.tag if found else None) == expected, tag
+    assert ollama_pin(OllamaVersion.parse("0.33.0")) == LlamaCppRelease(10488, "9d77fa172")
+    assert ollama_pin(OllamaVersion.parse("0.33.1")) is None  # newer than the table was read
+    assert ollama_pin(OllamaVersion.parse("0.24.3")) is None
+
+
+@pytest.mark.parametrize(("output", "expected"), [
+    ("ollama version is 0.33.0\n", "0.33.0"),
+    ("ollama version is 0.34.2\nWarning: client version is 0.33.0\n", "0.33.0"),  # another Ollama answered
+    ("Warning: could not connect to a running Ollama instance\nWarning: client version is 0.30.1\n", "0.30.1"),
+    ("command not found\n", None),
+])
+def test_parse_ollama_version(output: str, expected: str | None) -> None:
+    assert parse_ollama_version(output) == expected
+
+
+@pytest.mark.parametrize(("version", "message"), [
+    ("0.29.2", "Ollama 0.29.2 at {prefix} is older than 0.30.0 and runs no separate llama-server to replace:"
+               " upgrade Ollama"),
+    ("0.24.0", "Ollama 0.24.0 at {prefix} is older than 0.30.0 and runs no separate llama-server to replace:"
+               " upgrade Ollama"),
+    ("0.34.0", "Ollama 0.34.0 at {prefix} is newer than the newest release velollm-patch knows (0.33.0): its layout"
+               " and llama.cpp pin are unchecked; update velollm-patch, or pass --force to install anyway"),
+    ("0.0.0", "Ollama at {prefix} reports version 0.0.0 (a build from source), so its release and llama.cpp pin"
+              " cannot be checked; update velollm-patch, or pass --force to install anyway"),
+])
+def test_ollama_release_policy(tmp_path: Path, version: str, message: str) -> None:
+    prefix = ollama_prefix(tmp_path, version=version)
+    before = snapshot(prefix)
+    result = CliRunner().invoke(ollama, ["install-server", "--prefix", str(prefix), "--server",
+                                         str(our_server(tmp_path))])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, VelollmError) and str(result.exception) == message.format(prefix=prefix)
+    assert snapshot(prefix) == before
+
+
+@pytest.mark.parametrize("version", ["0.34.0", "0.0.0"])
+def test_an_unknown_release_installs_with_force(tmp_path: Path, version: str) -> None:
+    prefix = ollama_prefix(tmp_path, version=version)
+    result = CliRunner().invoke(ollama, ["install-server", "--prefix", str(prefix), "--server",
+                                         str(our_server(tmp_path)), "--force"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("warning (--force): Ollama")
+    assert version_of(bundled_server_path(prefix, "Linux")) == OURS_LINE
 
 
 def test_prefix_without_ollama(tmp_path: Path) -> None:
-    with pytest.raises(VelollmError, match="holds no Ollama 0.30"):
+    with pytest.raises(VelollmError, match="holds no Ollama .*bin/ollama does not exist.*pass --prefix"):
         install_server(tmp_path, our_server(tmp_path), system="Linux")
     with pytest.raises(VelollmError, match="does not exist: pass the Ollama install prefix"):
         install_server(tmp_path / "nope", our_server(tmp_path), system="Linux")
+    ollama_cli(tmp_path / "odd" / "bin" / "ollama", "").write_text("#!/bin/sh\necho 'no version here'\n")
+    with pytest.raises(VelollmError, match="--version gave no Ollama version \\(exit 0\\): no version here"):
+        install_server(tmp_path / "odd", our_server(tmp_path), system="Linux")
 
 
-def test_ollama_before_0_30(tmp_path: Path) -> None:
-    (tmp_path / "usr" / "lib" / "ollama").mkdir(parents=True)
-    with pytest.raises(VelollmError, match="before 0.30 has no separate llama-server"):
-        install_server(tmp_path / "usr", our_server(tmp_path), system="Linux")
+def layout_without_server(prefix: Path) -> None:
+    bundled_server_path(prefix, "Linux").unlink()
+
+
+def layout_with_linked_server(prefix: Path) -> None:
+    target = bundled_server_path(prefix, "Linux")
+    target.rename(target.with_name("llama-server-real"))
+    target.symlink_to("llama-server-real")
+
+
+def layout_without_shared_ggml(prefix: Path) -> None:
+    for lib in bundled_server_path(prefix, "Linux").parent.glob("libggml-base.so*"):
+        lib.unlink()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (layout_without_server, "llama-server does not exist, a layout velollm-patch does not know"),
+    (layout_with_linked_server, "llama-server is not a regular file, a layout velollm-patch does not know"),
+    (layout_without_shared_ggml, "has no libggml-base.so beside llama-server, a layout velollm-patch does not know"),
+])
+def test_a_layout_we_do_not_know_is_left_alone(tmp_path: Path, change: Callable[[Path], None], message: str) -> None:
+    prefix = ollama_prefix(tmp_path)
+    change(prefix)
+    before = snapshot(prefix)
+    with pytest.raises(VelollmError, match=message):
+        install_server(prefix, our_server(tmp_path), system="Linux")
+    assert snapshot(prefix) == before
 
 
 def test_no_write_permission_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,13 +358,14 @@ def test_ctrl_c_while_verifying_undoes_the_install(tmp_path: Path, monkeypatch: 
     real = server_swap.server_version
 
     def interrupted(binary: Path) -> ServerVersion:
-        if binary == target:
+        if binary == target and target.read_bytes() == ours.read_bytes():  # the check after the swap
             raise KeyboardInterrupt
         return real(binary)
 
+    ours = our_server(tmp_path)
     monkeypatch.setattr(server_swap, "server_version", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        install_server(prefix, our_server(tmp_path), system="Linux")
+        install_server(prefix, ours, system="Linux")
     assert snapshot(prefix) == before
 
 
@@ -311,10 +466,11 @@ def die_at(step: int, directory: Path) -> None:
         writing(self, data.encode)
         return real_write_text(self, data, *args, **kwargs)
 
-    for name in ("link", "replace", "unlink", "chmod"):
-        setattr(os, name, before(getattr(os, name)))
-    shutil.copy2 = copy2
-    Path.write_text = write_text
+    # Set by name like the os functions: this runs in a forked child that never returns to pytest.
+    for owner, name, replacement in ((shutil, "copy2", copy2), (Path, "write_text", write_text),
+                                     *((os, name, before(getattr(os, name)))
+                                       for name in ("link", "replace", "unlink", "chmod"))):
+        setattr(owner, name, replacement)
 
 
 def killed_at(step: int, directory: Path, action: Callable[[], object]) -> bool:
@@ -405,6 +561,7 @@ def test_install_killed_while_verifying_heals(tmp_path: Path, then: str) -> None
     prefix = ollama_prefix(tmp_path)
     target = bundled_server_path(prefix, "Linux")
     pristine = snapshot(prefix)
+    ollamas_names = {p.name for p in target.parent.iterdir()}
     verifying = tmp_path / "verifying"
     # Ours hangs the first time it runs from Ollama's directory (the install's check), saying its pid.
     hang = (f'case "$0" in */lib/ollama/*) if [ ! -e "{verifying}" ]; then echo $$ > "{verifying}.tmp";'
@@ -434,8 +591,7 @@ def test_install_killed_while_verifying_heals(tmp_path: Path, then: str) -> None
     assert lines[0] == "rolled back an install-server interrupted before its new llama-server was verified"
     if then == "install-server":
         assert lines[1] == f"installed {ours} as {target}" and version_of(target) == OURS_LINE
-        assert sorted(p.name for p in target.parent.iterdir()) == [
-            "libggml-base.so", "llama-server", "llama-server.velollm-orig"]
+        assert {p.name for p in target.parent.iterdir()} == ollamas_names | {"llama-server.velollm-orig"}
     else:
         assert lines[1].startswith("restored") and snapshot(prefix) == pristine
 
@@ -444,8 +600,8 @@ needs_cc = pytest.mark.skipif(shutil.which("cc") is None or shutil.which("ldd") 
                               reason="needs a C compiler and ldd to build a dynamically linked stand-in")
 
 
-def dynamic_server(root: Path, tag: str) -> Path:
-    """A real ELF llama-server stand-in linked against libggml-base.so next to it ($ORIGIN rpath),
+def dynamic_server(root: Path, tag: str, lib: str = "ggml-base") -> Path:
+    """A real ELF llama-server stand-in linked against lib<lib>.so next to it ($ORIGIN rpath),
     the layout a BUILD_SHARED_LIBS=ON build of llama.cpp has."""
     bin_dir = root / "build" / "bin"
     bin_dir.mkdir(parents=True)
@@ -454,8 +610,8 @@ def dynamic_server(root: Path, tag: str) -> Path:
         "#include <stdio.h>\nconst char *ggml_tag(void);\n"
         'int main(void) { fprintf(stderr, "' + OURS_LINE + '\\nvelollm patch level: %s\\n", ggml_tag());'
         " return 0; }\n")
-    subprocess.run(["cc", "-shared", "-fPIC", "-o", bin_dir / "libggml-base.so", root / "lib.c"], check=True)
-    subprocess.run(["cc", "-o", bin_dir / "llama-server", root / "main.c", f"-L{bin_dir}", "-lggml-base",
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", bin_dir / f"lib{lib}.so", root / "lib.c"], check=True)
+    subprocess.run(["cc", "-o", bin_dir / "llama-server", root / "main.c", f"-L{bin_dir}", f"-l{lib}",
                     "-Wl,-rpath,$ORIGIN"], check=True)
     return bin_dir / "llama-server"
 
@@ -464,18 +620,17 @@ def dynamic_server(root: Path, tag: str) -> Path:
 def test_shared_libraries_come_along_and_go_again(tmp_path: Path) -> None:
     prefix = ollama_prefix(tmp_path)
     lib_dir = bundled_server_path(prefix, "Linux").parent
-    (lib_dir / "libggml-base.so").unlink()  # this Ollama ships no library of that name
-    ours = dynamic_server(tmp_path / "ours", "7")
+    pristine = snapshot(prefix)
+    ours = dynamic_server(tmp_path / "ours", "7", lib="mtmd")  # a library this Ollama does not ship
     result = install_server(prefix, ours, system="Linux")
-    assert result.libraries == (lib_dir / "libggml-base.so",)
+    assert result.libraries == (lib_dir / "libmtmd.so",)
     assert result.installed.patch_level == "7"
     shutil.rmtree(tmp_path / "ours")  # the installed copy must not depend on the build tree
     assert "velollm patch level: 7" in subprocess.run(
         [lib_dir / "llama-server", "--version"], capture_output=True, text=True).stderr
     restored = restore_server(prefix, system="Linux")
-    assert restored.removed_libraries == (lib_dir / "libggml-base.so",)
-    assert not (lib_dir / "libggml-base.so").exists()
-    assert not (lib_dir / "llama-server.velollm-libs").exists()
+    assert restored.removed_libraries == (lib_dir / "libmtmd.so",)
+    assert snapshot(prefix) == pristine
 
 
 @needs_cc
@@ -519,3 +674,4 @@ def test_install_real_patched_server(tmp_path: Path, patched_server: Path) -> No
     assert result.installed == ours and server_version(target) == ours
     restore_server(prefix, system="Linux")
     assert target.read_bytes() == original
+
