@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import mmap
 import os
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -25,9 +27,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from tests.helpers import add_ollama_model, write_layout_gguf
+from tests.ollama_launch import start_like_ollama
 from velollm_patch.cli_ollama import ollama
 from velollm_patch.errors import VelollmError
+from velollm_patch.model import inspect_model
 from velollm_patch.ollama import server_swap
+from velollm_patch.ollama.compat import compat_reason
 from velollm_patch.ollama.pins import LlamaCppRelease, ollama_pin
 from velollm_patch.ollama.server_swap import (
     ServerVersion,
@@ -112,6 +118,13 @@ def snapshot(directory: Path) -> dict[str, tuple[object, ...]]:
 def version_of(binary: Path) -> str:
     run = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
     return run.stderr.splitlines()[0]
+
+
+@pytest.fixture(autouse=True)
+def no_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty model store unless a test says otherwise (the real one would make the outcome depend on the
+    machine)."""
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "no-models"))
 
 
 @pytest.mark.parametrize(("output", "expected"), [
@@ -311,6 +324,41 @@ def test_a_layout_we_do_not_know_is_left_alone(tmp_path: Path, change: Callable[
     with pytest.raises(VelollmError, match=message):
         install_server(prefix, our_server(tmp_path), system="Linux")
     assert snapshot(prefix) == before
+
+
+def test_models_only_ollamas_compat_layer_loads_refuse_the_swap(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "store"
+    add_ollama_model(store, "library/gemma3:4b", model=write_layout_gguf(tmp_path / "old.gguf", "gemma3"))
+    add_ollama_model(store, "library/gemma3:270m", model=write_layout_gguf(
+        tmp_path / "new.gguf", "gemma3", {"gemma3.attention.layer_norm_rms_epsilon": 1e-6}))
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    prefix = ollama_prefix(tmp_path)
+    before = snapshot(prefix)
+    args = ["install-server", "--prefix", str(prefix), "--server", str(our_server(tmp_path))]
+    refused = CliRunner().invoke(ollama, args)
+    assert refused.exit_code != 0 and isinstance(refused.exception, VelollmError)
+    assert str(refused.exception) == (
+        "1 model(s) in Ollama's store load only through Ollama's llama.cpp compat layer, which our llama-server lacks"
+        " (gemma3:4b: gemma3 in Ollama's layout: no gemma3.attention.layer_norm_rms_epsilon); remove them, or"
+        " re-create them from llama.cpp-converted GGUFs, or pass --force to install anyway")
+    assert snapshot(prefix) == before
+    forced = CliRunner().invoke(ollama, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert forced.output.splitlines()[0] == f"warning (--force): {str(refused.exception).split(';')[0]}"
+
+
+def test_an_unreadable_model_is_reported_not_guessed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "store"
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(write_layout_gguf(tmp_path / "whole.gguf", "llama").read_bytes()[:40])
+    add_ollama_model(store, "library/cut:latest", model=truncated)
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    prefix = ollama_prefix(tmp_path)
+    result = CliRunner().invoke(ollama, ["install-server", "--prefix", str(prefix), "--server",
+                                         str(our_server(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("warning: could not check cut:latest (")
 
 
 def test_no_write_permission_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -675,3 +723,63 @@ def test_install_real_patched_server(tmp_path: Path, patched_server: Path) -> No
     restore_server(prefix, system="Linux")
     assert target.read_bytes() == original
 
+
+
+def without_key(source: Path, dest: Path, key: str) -> Path:
+    """Copy a little-endian GGUF leaving out one key-value; the tensor data is copied unchanged."""
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+    with source.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        def u32(at: int) -> int:
+            return int(struct.unpack_from("<I", buf, at)[0])
+
+        def u64(at: int) -> int:
+            return int(struct.unpack_from("<Q", buf, at)[0])
+
+        def value_end(at: int, vtype: int) -> int:
+            if vtype == 8:
+                return at + 8 + u64(at)
+            if vtype == 9:
+                elem, count, at = u32(at), u64(at + 4), at + 12
+                if elem != 8:
+                    return at + count * sizes[elem]
+                for _ in range(count):
+                    at += 8 + u64(at)
+                return at
+            return at + sizes[vtype]
+
+        n_tensors, n_kv, pos = u64(8), u64(16), 24
+        span, alignment = (0, 0), 32
+        for _ in range(n_kv):
+            start, name = pos, bytes(buf[pos + 8: pos + 8 + u64(pos)]).decode()
+            pos += 8 + u64(pos)
+            vtype = u32(pos)
+            if name == "general.alignment":
+                alignment = u32(pos + 4)
+            pos = value_end(pos + 4, vtype)
+            if name == key:
+                span = (start, pos)
+        for _ in range(n_tensors):
+            pos += 8 + u64(pos)
+            pos += 4 + 8 * u32(pos) + 4 + 8
+        data = -(-pos // alignment) * alignment
+        assert span != (0, 0), f"{source} has no {key}"
+        header = bytes(buf[:16]) + struct.pack("<Q", n_kv - 1) + bytes(buf[24:span[0]]) + bytes(buf[span[1]:pos])
+        with dest.open("wb") as out:
+            out.write(header + b"\0" * (-len(header) % alignment))
+            out.write(buf[data:])
+    return dest
+
+
+@pytest.mark.slow
+def test_our_server_cannot_load_an_old_ollama_gemma3(tmp_path: Path, patched_server: Path,
+                                                     gemma3_gguf: Path) -> None:
+    """Ollama's published gemma3 blobs omit layer_norm_rms_epsilon (the compat layer injects it): our server
+    exits on such a file, and the check finds it first."""
+    old = without_key(gemma3_gguf, tmp_path / "gemma3-ollama-layout.gguf", "gemma3.attention.layer_norm_rms_epsilon")
+    assert compat_reason(gemma3_gguf) is None
+    assert compat_reason(old) == "gemma3 in Ollama's layout: no gemma3.attention.layer_norm_rms_epsilon"
+    assert inspect_model(old).n_params == inspect_model(gemma3_gguf).n_params
+    log = tmp_path / "old.log"
+    with pytest.raises(VelollmError, match="exited with code"):
+        start_like_ollama(patched_server, old, log, timeout=120)
+    assert "key not found in model: gemma3.attention.layer_norm_rms_epsilon" in log.read_text()

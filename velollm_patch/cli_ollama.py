@@ -251,8 +251,8 @@ def config_cmd(
               help="Ollama install prefix (default: from the ollama on PATH).")
 @click.option("--server", "server_bin", type=click.Path(dir_okay=False, path_type=Path),
               help="Our llama-server (default: the current build's bin/llama-server).")
-@click.option("--force", is_flag=True, help="Install even though the llama.cpp commits differ or the Ollama release"
-              " is newer than known.")
+@click.option("--force", is_flag=True, help="Install even though the llama.cpp commits differ, the Ollama release"
+              " is newer than known or models need Ollama's compat layer.")
 def install_server_cmd(prefix: Path | None, server_bin: Path | None, force: bool) -> None:
     """Make Ollama (0.30+) run our patched llama-server; the original is kept."""
     if server_bin is None:
@@ -264,6 +264,8 @@ def install_server_cmd(prefix: Path | None, server_bin: Path | None, force: bool
     result = install_server(prefix or default_prefix(), ours, force, on_recovery=click.echo)
     for problem in result.overridden:
         click.echo(f"warning (--force): {problem}")
+    for note in result.unchecked:
+        click.echo(f"warning: {note}")
     if not result.changed:
         click.echo(f"{result.target} already is this llama-server ({result.installed}); nothing changed.")
         return

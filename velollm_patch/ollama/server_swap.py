@@ -12,7 +12,9 @@ Before anything changes, ``install_server`` checks, each failure one line:
   layout is Ollama's (a regular ``llama-server`` file beside ``libggml-base`` on Linux);
 - the llama.cpp pins: Ollama's server (``--version``; :mod:`.pins` names its release) against ours: Ollama's
   compat patches and server flags are made for its own commit, so a different one is refused unless
-  forced, naming a ``--source`` of ours built from Ollama's pin when a patch series supports it.
+  forced, naming a ``--source`` of ours built from Ollama's pin when a patch series supports it;
+- the models: a model in Ollama's store that only Ollama's compat layer can load (:mod:`.compat`) would
+  fail with our server, so its presence refuses the swap unless forced, naming the models and why.
 
 Ollama's installer (``scripts/install.sh``) deletes ``lib/ollama`` before it unpacks a new release, so
 upgrading Ollama drops our binary and our backup together.
@@ -62,12 +64,14 @@ import os
 import platform
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from velollm_patch import patches, proc, source
 from velollm_patch.errors import VelollmError
+from velollm_patch.model import ollama_stores
+from velollm_patch.ollama.compat import scan_stores
 from velollm_patch.ollama.pins import LlamaCppRelease, known_release, ollama_pin
 from velollm_patch.ollama.versions import ERA_C_START, LATEST_KNOWN, OllamaVersion
 
@@ -304,6 +308,22 @@ def _check_pins(ollama: OllamaInstall, original: ServerVersion, mine: ServerVers
                        f" for {pins}), so pass --force to install anyway")
 
 
+def _check_models(stores: Sequence[Path], force: bool) -> tuple[str | None, tuple[str, ...]]:
+    """Refuse while Ollama's store holds models only Ollama's compat layer loads; also say what could not be
+    read (those stay unchecked)."""
+    scan = scan_stores(stores)
+    unchecked = tuple(f"could not check {what}" for what in scan.unreadable)
+    if not scan.needs_compat:
+        return None, unchecked
+    listed = "; ".join(f"{m.name}: {m.reason}" for m in scan.needs_compat)
+    problem = (f"{len(scan.needs_compat)} model(s) in Ollama's store load only through Ollama's llama.cpp compat"
+               f" layer, which our llama-server lacks ({listed})")
+    if force:
+        return problem, unchecked
+    raise VelollmError(f"{problem}; remove them, or re-create them from llama.cpp-converted GGUFs, or pass --force"
+                       " to install anyway")
+
+
 def _require_writable(directory: Path) -> None:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise VelollmError(f"no permission to write {directory} (run with sudo)")
@@ -490,6 +510,7 @@ class InstallResult:
     overridden: tuple[str, ...] = ()  # the refusals --force passed
     changed: bool = True
     ollama: OllamaInstall | None = None
+    unchecked: tuple[str, ...] = ()  # what could not be checked (an unreadable model)
 
     @property
     def forced(self) -> bool:
@@ -497,11 +518,13 @@ class InstallResult:
 
 
 def install_server(prefix: Path, our_server: Path, force: bool = False, *, system: str | None = None,
-                   on_recovery: Callable[[str], None] | None = None) -> InstallResult:
+                   on_recovery: Callable[[str], None] | None = None,
+                   stores: Sequence[Path] | None = None) -> InstallResult:
     """Make Ollama under ``prefix`` run ``our_server`` instead of its bundled llama-server.
 
     Every check (module docstring) runs before anything changes; ``force`` passes those that allow it.
-    What an interrupted earlier run left is finished or undone afterwards, and told to ``on_recovery``."""
+    ``stores`` are the model stores to search (default: :func:`~velollm_patch.model.ollama_stores`). What an
+    interrupted earlier run left is finished or undone afterwards, and told to ``on_recovery``."""
     system = system or platform.system()
     ollama = inspect_ollama(prefix, system)
     overridden = [p for p in (_check_release(ollama, force),) if p]
@@ -515,13 +538,15 @@ def install_server(prefix: Path, our_server: Path, force: bool = False, *, syste
     # The backup, when there is one, is Ollama's original (never overwritten), also before recovery.
     original = server_version(files.backup if files.backup.exists() else target)
     mine = server_version(ours)
-    overridden += [p for p in (_check_pins(ollama, original, mine, force),) if p]
+    pins = _check_pins(ollama, original, mine, force)
+    models, unchecked = _check_models(ollama_stores() if stores is None else stores, force)
+    overridden += [p for p in (pins, models) if p]
     libs = _libs_to_copy(ours, target.parent) if system == "Linux" else []
     _require_writable(target.parent)
     _heal(files, on_recovery)
     if files.backup.exists() and filecmp.cmp(ours, target, shallow=False):
         return InstallResult(target, files.backup, original, mine, overridden=tuple(overridden), changed=False,
-                             ollama=ollama)
+                             ollama=ollama, unchecked=unchecked)
     try:
         if not files.backup.exists():
             _link_or_copy(target, files.backup, files.new)
@@ -554,7 +579,7 @@ def install_server(prefix: Path, our_server: Path, force: bool = False, *, syste
             raise
         raise VelollmError(f"installing {ours} failed and was undone: {reason}") from exc
     return InstallResult(target, files.backup, original, installed, tuple(dest for _, dest in libs),
-                         overridden=tuple(overridden), ollama=ollama)
+                         overridden=tuple(overridden), ollama=ollama, unchecked=unchecked)
 
 
 @dataclass(frozen=True)
