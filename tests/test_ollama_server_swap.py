@@ -28,7 +28,8 @@ import pytest
 from click.testing import CliRunner
 
 from tests.helpers import add_ollama_model, write_layout_gguf
-from tests.ollama_launch import start_like_ollama
+from tests.ollama_launch import ollama_env, start_like_ollama
+from velollm_patch import serve
 from velollm_patch.cli_ollama import ollama
 from velollm_patch.errors import VelollmError
 from velollm_patch.model import inspect_model
@@ -38,6 +39,7 @@ from velollm_patch.ollama.pins import LlamaCppRelease, ollama_pin
 from velollm_patch.ollama.server_swap import (
     ServerVersion,
     bundled_server_path,
+    gpu_families_from_ldd,
     install_server,
     parse_ollama_version,
     parse_server_version,
@@ -121,10 +123,11 @@ def version_of(binary: Path) -> str:
 
 
 @pytest.fixture(autouse=True)
-def no_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An empty model store unless a test says otherwise (the real one would make the outcome depend on the
-    machine)."""
+def no_models_no_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty model store and a machine without GPUs, unless a test says otherwise (the real ones would
+    make the outcome depend on the machine)."""
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "no-models"))
+    monkeypatch.setattr(server_swap, "machine_gpu_families", lambda: frozenset())
 
 
 @pytest.mark.parametrize(("output", "expected"), [
@@ -359,6 +362,68 @@ def test_an_unreadable_model_is_reported_not_guessed(tmp_path: Path, monkeypatch
                                          str(our_server(tmp_path))])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("warning: could not check cut:latest (")
+
+
+@pytest.mark.parametrize(("machine", "ours", "refused"), [
+    ({"cuda"}, set(), "cuda_v12, cuda_v13 backend, which our CPU-only llama-server lacks"),
+    ({"rocm", "vulkan"}, set(), "rocm_v7_2, vulkan backend, which our CPU-only llama-server lacks"),
+    ({"vulkan"}, {"vulkan"}, None),
+    ({"cuda", "vulkan"}, {"vulkan"}, None),  # the GPU still runs, through our Vulkan backend
+    (set(), set(), None),  # no GPU: Ollama's GPU folders serve nothing here
+], ids=["nvidia-cpu-build", "amd-cpu-build", "vulkan-build", "nvidia-vulkan-build", "no-gpu"])
+def test_a_gpu_ollama_would_use_must_stay_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 machine: set[str], ours: set[str], refused: str | None) -> None:
+    monkeypatch.setattr(server_swap, "machine_gpu_families", lambda: frozenset(machine))
+    monkeypatch.setattr(server_swap, "server_gpu_families", lambda binary: frozenset(ours))
+    prefix = ollama_prefix(tmp_path)
+    before = snapshot(prefix)
+    if refused is None:
+        assert install_server(prefix, our_server(tmp_path), system="Linux").changed
+        return
+    with pytest.raises(VelollmError) as info:
+        install_server(prefix, our_server(tmp_path), system="Linux")
+    assert refused in str(info.value)
+    gpu = sorted(machine)[0]
+    assert str(info.value).endswith(f"every model would run on the CPU; build ours with `velollm-patch build --gpu"
+                                    f" {gpu}`, or pass --force to install anyway")
+    assert snapshot(prefix) == before
+    assert install_server(prefix, our_server(tmp_path), force=True, system="Linux").forced
+
+
+def test_gpu_families_from_ldd() -> None:
+    # ldd of the Vulkan build in this project's test home (0c1e570-vulkan-patched), trimmed.
+    vulkan_build = ("\tlibgomp.so.1 => /lib/x86_64-linux-gnu/libgomp.so.1 (0x00007f6b355e3000)\n"
+                    "\tlibvulkan.so.1 => /lib/x86_64-linux-gnu/libvulkan.so.1 (0x00007f6b35573000)\n"
+                    "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f6b3241e000)\n")
+    assert gpu_families_from_ldd(vulkan_build) == {"vulkan"}
+    assert gpu_families_from_ldd("\tlibcublas.so.13 => /usr/local/cuda/lib64/libcublas.so.13 (0x1)\n"
+                                 "\tlibcuda.so.1 => not found\n") == {"cuda"}
+    assert gpu_families_from_ldd("\tlibamdhip64.so.6 => /opt/rocm/lib/libamdhip64.so.6 (0x1)\n") == {"rocm"}
+    assert gpu_families_from_ldd("\tnot a dynamic executable\n") == frozenset()
+
+
+def test_ollamas_gpu_folders(tmp_path: Path) -> None:
+    lib_dir = bundled_server_path(ollama_prefix(tmp_path), "Linux").parent
+    (lib_dir / "cuda_jetpack6").mkdir()
+    (lib_dir / "mlx_cuda_v13").mkdir()  # Ollama's MLX runner, not a llama-server backend
+    assert server_swap.ollama_gpu_folders(lib_dir) == {
+        "cuda": ["cuda_jetpack6", "cuda_v12", "cuda_v13"], "rocm": ["rocm_v7_2"], "vulkan": ["vulkan"]}
+
+
+def test_the_whole_of_lib_ollama_comes_back(tmp_path: Path) -> None:
+    """Ollama's shared ggml (with its version links), every CPU variant and every GPU folder are left as they
+    are, and after restore-server the prefix is byte for byte, mode for mode, link for link what it was."""
+    prefix = ollama_prefix(tmp_path)
+    lib_dir = bundled_server_path(prefix, "Linux").parent
+    (lib_dir / "libggml-cpu-haswell.so").chmod(0o755)
+    pristine = snapshot(prefix)
+    result = install_server(prefix, our_server(tmp_path), system="Linux")
+    installed = snapshot(prefix)
+    changed = {name for name in installed if installed[name] != pristine.get(name)}
+    assert changed == {"lib/ollama/llama-server", "lib/ollama/llama-server.velollm-orig"}
+    assert result.libraries == ()
+    restore_server(prefix, system="Linux")
+    assert snapshot(prefix) == pristine
 
 
 def test_no_write_permission_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -723,6 +788,66 @@ def test_install_real_patched_server(tmp_path: Path, patched_server: Path) -> No
     restore_server(prefix, system="Linux")
     assert target.read_bytes() == original
 
+
+# A stand-in for one of Ollama's own ggml libraries: a real shared object that says when it is loaded (its
+# constructor runs at dlopen) and answers the backend registry's probes as a backend that cannot start.
+FOREIGN_GGML = """#include <stdio.h>
+__attribute__((constructor)) static void loaded(void) { fprintf(stderr, "foreign ggml library loaded: %s\\n", NAME); }
+int ggml_backend_score(void) { return 1; }
+void *ggml_backend_init(void) { return 0; }
+"""
+
+
+def foreign_ggml(lib_dir: Path, root: Path) -> None:
+    """Make Ollama's libraries in the stand-in ``lib_dir`` real ELF objects: the shared ggml, each CPU variant
+    (linked against libggml-base, as Ollama's are) and each GPU backend."""
+    (root / "foreign.c").write_text(FOREIGN_GGML)
+
+    def cc(out: Path, *extra: str) -> None:
+        subprocess.run(["cc", "-shared", "-fPIC", f'-DNAME="{out.name}"', "-o", out, root / "foreign.c", *extra],
+                       check=True)
+
+    for name in ("libggml-base", "libggml", "libllama"):
+        cc(lib_dir / f"{name}.so.0.9.7", f"-Wl,-soname,{name}.so.0")
+    for variant in CPU_VARIANTS:
+        cc(lib_dir / f"libggml-cpu-{variant}.so", f"-L{lib_dir}", "-Wl,--no-as-needed", "-lggml-base",
+           "-Wl,-rpath,$ORIGIN")
+    for name in GPU_LIBS:
+        cc(lib_dir / name)
+
+
+def mapped_files(pid: int, under: Path) -> set[str]:
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {line.split(maxsplit=5)[5] for line in maps if len(line.split(maxsplit=5)) == 6
+            and line.split(maxsplit=5)[5].startswith(f"{under}/")}
+
+
+@pytest.mark.slow
+@needs_cc
+def test_static_server_in_ollamas_lib_dir(tmp_path: Path, patched_server: Path, smollm2_gguf: Path) -> None:
+    """Why the static server is what is installed, measured: started the way Ollama starts it (its argv, its
+    LD_LIBRARY_PATH, GGML_BACKEND_PATH naming its CUDA backend), it maps no library of Ollama's and serves; only
+    `--list-devices`, which Ollama's GPU discovery runs, loads Ollama's CPU variants and GPU backend."""
+    ours = server_version(patched_server)
+    prefix = ollama_prefix(tmp_path, f"version: 0.1.2-dev (build 1, commit {ours.upstream_commit})")
+    target = bundled_server_path(prefix, "Linux")
+    lib_dir = target.parent
+    foreign_ggml(lib_dir, tmp_path)
+    install_server(prefix, patched_server, system="Linux")
+    cuda = lib_dir / "cuda_v12"
+    environment = {**os.environ, "LD_LIBRARY_PATH": str(cuda), "GGML_BACKEND_PATH": str(cuda / "libggml-cuda.so")}
+
+    with start_like_ollama(target, smollm2_gguf, tmp_path / "serve.log", ollama_environment=environment) as server:
+        assert mapped_files(server.pid, prefix) == {str(target)}
+        assert serve.complete(server, "Once upon a time", 4)["tokens_predicted"] == 4
+        assert "foreign ggml library loaded" not in server.log_text()
+
+    discovery = subprocess.run([target, "--list-devices", "--offline", "--verbose"], capture_output=True, text=True,
+                               env=ollama_env(target, environment), cwd=tmp_path, timeout=120)
+    loaded = {line.rsplit(": ", 1)[1] for line in discovery.stderr.splitlines()
+              if line.startswith("foreign ggml library loaded: ")}
+    assert loaded >= {"libggml-base.so.0.9.7", "libggml-cpu-haswell.so", "libggml-cuda.so"}
+    assert "Available devices:" in discovery.stdout
 
 
 def without_key(source: Path, dest: Path, key: str) -> Path:

@@ -252,7 +252,7 @@ def config_cmd(
 @click.option("--server", "server_bin", type=click.Path(dir_okay=False, path_type=Path),
               help="Our llama-server (default: the current build's bin/llama-server).")
 @click.option("--force", is_flag=True, help="Install even though the llama.cpp commits differ, the Ollama release"
-              " is newer than known or models need Ollama's compat layer.")
+              " is newer than known, the GPU backend is missing or models need Ollama's compat layer.")
 def install_server_cmd(prefix: Path | None, server_bin: Path | None, force: bool) -> None:
     """Make Ollama (0.30+) run our patched llama-server; the original is kept."""
     if server_bin is None:

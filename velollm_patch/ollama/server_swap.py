@@ -5,6 +5,25 @@ own executable: ``<prefix>/lib/ollama/llama-server`` on Linux (prefix = the dire
 ``bin/ollama``), the executable's directory on macOS and ``<exe dir>/lib/ollama`` on Windows
 (``llm/llama_binary.go``). No environment variable overrides that path, so the binary itself is swapped.
 
+What is installed: our llama-server alone, as the static binary ``velollm-patch build`` makes
+(BUILD_SHARED_LIBS=OFF, GGML_BACKEND_DL=OFF, its CPU and GPU backend compiled in), and nothing else in
+``lib/ollama`` changes: Ollama's ``libggml-*`` and ``libllama`` stay, with every CPU variant and GPU backend
+folder (``cuda_v12``, ``cuda_v13``, ``rocm_v*``, ``vulkan``), because Ollama's own executable still loads them (its
+``gpu-discover`` probe dlopens ``lib/ollama/libggml-base.so`` and each backend; ``discover/native_probe_linux.go``).
+Sources: ollama/ollama v0.33.0-rc2 and the llama.cpp tree of our pin. Ollama starts the server with
+``LD_LIBRARY_PATH`` = its directory plus the GPU folder and ``GGML_BACKEND_PATH`` = that folder's backend
+(``llm/llama_server.go`` ``SetupLlamaServerCommandEnv``). A static server loads no backend library while it
+serves: ``llama_backend_init`` loads them only when none is compiled in, and of the options that load them
+anyway (``--device``, ``-ot``, ``--list-devices``) Ollama's model launch passes none. So it serves with its own
+ggml, which tests/test_ollama_server_swap.py checks on the real server started Ollama's way (its memory map holds
+no library of Ollama's). The one place it does load Ollama's is ``--list-devices`` (``common_print_available_devices``
+calls ``ggml_backend_load_all``, which scans the executable's directory and loads ``GGML_BACKEND_PATH``), which
+Ollama's GPU discovery runs: there Ollama's GPU backends are listed, though the server will not use them when it
+serves. So a build without the GPU backend Ollama would use on this machine would silently move every model to
+the CPU: install refuses it. A build with shared libraries (Ollama's presets) would instead have to replace
+Ollama's ``libggml-base``, which its GPU backends and its own executable link against; any library of ours that
+Ollama ships under the same name is refused.
+
 Before anything changes, ``install_server`` checks, each failure one line:
 
 - the install: ``<prefix>/bin/ollama --version`` is 0.30 or newer and no newer than the newest release
@@ -13,6 +32,7 @@ Before anything changes, ``install_server`` checks, each failure one line:
 - the llama.cpp pins: Ollama's server (``--version``; :mod:`.pins` names its release) against ours: Ollama's
   compat patches and server flags are made for its own commit, so a different one is refused unless
   forced, naming a ``--source`` of ours built from Ollama's pin when a patch series supports it;
+- the GPU: see above;
 - the models: a model in Ollama's store that only Ollama's compat layer can load (:mod:`.compat`) would
   fail with our server, so its presence refuses the swap unless forced, naming the models and why.
 
@@ -68,7 +88,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from velollm_patch import patches, proc, source
+from velollm_patch import hardware, patches, proc, source
 from velollm_patch.errors import VelollmError
 from velollm_patch.model import ollama_stores
 from velollm_patch.ollama.compat import scan_stores
@@ -308,6 +328,68 @@ def _check_pins(ollama: OllamaInstall, original: ServerVersion, mine: ServerVers
                        f" for {pins}), so pass --force to install anyway")
 
 
+# GPU backend folders in lib/ollama (llama/server/CMakePresets.json OLLAMA_RUNNER_DIR) and the family each
+# serves; the libraries a server linking that family's runtime needs.
+_GPU_FOLDERS = ((re.compile(r"cuda_(?:v\d+|jetpack\d+)"), "cuda"), (re.compile(r"rocm(?:_v\w+)?"), "rocm"),
+                (re.compile(r"vulkan"), "vulkan"))
+_GPU_RUNTIMES = ((re.compile(r"lib(?:cuda|cudart|cublas)\.so"), "cuda"),
+                 (re.compile(r"lib(?:amdhip64|hipblas|rocblas)\.so"), "rocm"), (re.compile(r"libvulkan\.so"), "vulkan"))
+
+
+def ollama_gpu_folders(lib_dir: Path) -> dict[str, list[str]]:
+    """Ollama's GPU backend folders beside its llama-server, by family (``cuda``: ``cuda_v12``, ...)."""
+    found: dict[str, list[str]] = {}
+    for entry in sorted(lib_dir.iterdir()):
+        for pattern, family in _GPU_FOLDERS:
+            if entry.is_dir() and pattern.fullmatch(entry.name):
+                found.setdefault(family, []).append(entry.name)
+    return found
+
+
+def gpu_families_from_ldd(output: str) -> frozenset[str]:
+    """The GPU backend families whose runtimes an ``ldd`` listing shows."""
+    return frozenset(family for pattern, family in _GPU_RUNTIMES if pattern.search(output))
+
+
+def server_gpu_families(binary: Path) -> frozenset[str]:
+    """The GPU backends compiled into a static llama-server, by the GPU runtimes it links (per ``ldd``)."""
+    try:
+        return gpu_families_from_ldd(proc.run(["ldd", binary], check=False, timeout=30, what="ldd").output)
+    except VelollmError:
+        return frozenset()
+
+
+def machine_gpu_families(probes: hardware.Probes | None = None) -> frozenset[str]:
+    """The GPU backend families this machine has a device for: NVIDIA (CUDA), AMD (ROCm), and a Vulkan GPU
+    (not a software rasterizer, which ggml-vulkan skips unless named)."""
+    p = probes or hardware.Probes()
+    vendors = {gpu.vendor for gpu in (*p.nvidia(), *p.amd())}
+    families = {family for vendor, family in (("nvidia", "cuda"), ("amd", "rocm")) if vendor in vendors}
+    if any(not device.is_software for device in p.vulkan()):
+        families.add("vulkan")
+    return frozenset(families)
+
+
+def _check_gpu(lib_dir: Path, ours: Path, machine: frozenset[str], force: bool) -> str | None:
+    """Refuse a server that lacks every GPU backend Ollama would run this machine's GPU with: it would load
+    none of Ollama's while serving, so every model would move to the CPU."""
+    folders = ollama_gpu_folders(lib_dir)
+    usable = {family: names for family, names in folders.items() if family in machine}
+    if not usable:
+        return None
+    have = server_gpu_families(ours)
+    if have & usable.keys():
+        return None
+    names = ", ".join(name for names in usable.values() for name in names)
+    built = "/".join(sorted(have)) or "CPU-only"
+    problem = (f"this machine's GPU runs under Ollama on its {names} backend, which our {built} llama-server lacks"
+               " (a static server loads none of Ollama's): every model would run on the CPU")
+    if force:
+        return problem
+    raise VelollmError(f"{problem}; build ours with `velollm-patch build --gpu {sorted(usable)[0]}`, or pass --force"
+                       " to install anyway")
+
+
 def _check_models(stores: Sequence[Path], force: bool) -> tuple[str | None, tuple[str, ...]]:
     """Refuse while Ollama's store holds models only Ollama's compat layer loads; also say what could not be
     read (those stay unchecked)."""
@@ -518,12 +600,13 @@ class InstallResult:
 
 
 def install_server(prefix: Path, our_server: Path, force: bool = False, *, system: str | None = None,
-                   on_recovery: Callable[[str], None] | None = None,
-                   stores: Sequence[Path] | None = None) -> InstallResult:
+                   on_recovery: Callable[[str], None] | None = None, stores: Sequence[Path] | None = None,
+                   machine_gpus: frozenset[str] | None = None) -> InstallResult:
     """Make Ollama under ``prefix`` run ``our_server`` instead of its bundled llama-server.
 
     Every check (module docstring) runs before anything changes; ``force`` passes those that allow it.
-    ``stores`` are the model stores to search (default: :func:`~velollm_patch.model.ollama_stores`). What an
+    ``stores`` are the model stores to search (default: :func:`~velollm_patch.model.ollama_stores`),
+    ``machine_gpus`` the GPU families this machine has (default: :func:`machine_gpu_families`). What an
     interrupted earlier run left is finished or undone afterwards, and told to ``on_recovery``."""
     system = system or platform.system()
     ollama = inspect_ollama(prefix, system)
@@ -539,8 +622,12 @@ def install_server(prefix: Path, our_server: Path, force: bool = False, *, syste
     original = server_version(files.backup if files.backup.exists() else target)
     mine = server_version(ours)
     pins = _check_pins(ollama, original, mine, force)
+    gpu = None
+    if system == "Linux":
+        machine = machine_gpu_families() if machine_gpus is None else machine_gpus
+        gpu = _check_gpu(target.parent, ours, machine, force)
     models, unchecked = _check_models(ollama_stores() if stores is None else stores, force)
-    overridden += [p for p in (pins, models) if p]
+    overridden += [p for p in (pins, gpu, models) if p]
     libs = _libs_to_copy(ours, target.parent) if system == "Linux" else []
     _require_writable(target.parent)
     _heal(files, on_recovery)
