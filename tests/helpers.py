@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -155,6 +156,52 @@ def write_gguf(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_layout_gguf(path: Path, arch: str, kv: dict[str, Any] | None = None,
+                      tensors: dict[str, tuple[int, ...]] | None = None, tokens: Sequence[str] | None = None) -> Path:
+    """A GGUF with exactly these key-values and tensors (zeros of the given shape, ne0 first): the layout a
+    converter wrote, for checks that look at layouts and load nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(path, arch)
+    if tokens is not None:
+        w.add_token_list(list(tokens))
+    for key, value in (kv or {}).items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, value)
+    for name, shape in (tensors or {"token_embd.weight": (8, 4)}).items():
+        w.add_tensor(name, np.zeros(tuple(reversed(shape)), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _ollama_blob(store: Path, path: Path) -> str:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    (store / "blobs").mkdir(parents=True, exist_ok=True)
+    path.replace(store / "blobs" / f"sha256-{digest}")
+    return f"sha256:{digest}"
+
+
+def add_ollama_model(store: Path, name: str, **layers: Path) -> None:
+    """A manifest under ``store`` (``name`` = namespace/model:tag) with a layer per GGUF: model, projector, draft."""
+    model, tag = name.split(":")
+    manifest = store / "manifests" / "registry.ollama.ai" / model / tag
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
+        {"mediaType": f"application/vnd.ollama.image.{kind}", "digest": _ollama_blob(store, path), "size": 1}
+        for kind, path in layers.items()
+    ] + [{"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 1}]}))
 
 
 def request_sample(decode: float, latency: float = 1.0, *, drafted: int | None = None, accepted: int | None = None,

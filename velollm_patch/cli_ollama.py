@@ -265,7 +265,8 @@ def config_cmd(
               help="Ollama install prefix (default: from the ollama on PATH).")
 @click.option("--server", "server_bin", type=click.Path(dir_okay=False, path_type=Path),
               help="Our llama-server (default: the current build's bin/llama-server).")
-@click.option("--force", is_flag=True, help="Install even if the llama.cpp commits differ.")
+@click.option("--force", is_flag=True, help="Install even though the llama.cpp commits differ, the Ollama release"
+              " is newer than known, the GPU backend is missing or models need Ollama's compat layer.")
 def install_server_cmd(prefix: Path | None, server_bin: Path | None, force: bool) -> None:
     """Make Ollama (0.30+) run our patched llama-server; the original is kept."""
     if server_bin is None:
@@ -275,14 +276,16 @@ def install_server_cmd(prefix: Path | None, server_bin: Path | None, force: bool
         server_bin = build.bin("llama-server")
     ours = server_bin
     result = install_server(prefix or default_prefix(), ours, force, on_recovery=click.echo)
+    for problem in result.overridden:
+        click.echo(f"warning (--force): {problem}")
+    for note in result.unchecked:
+        click.echo(f"warning: {note}")
     if not result.changed:
         click.echo(f"{result.target} already is this llama-server ({result.installed}); nothing changed.")
         return
     click.echo(f"installed {ours} as {result.target}")
     click.echo(f"  Ollama's: {result.original} (kept as {result.backup.name})")
     click.echo(f"  now:      {result.installed}")
-    if result.forced:
-        click.echo("  warning: the llama.cpp commits differ (--force)")
     for lib in result.libraries:
         click.echo(f"  added {lib}")
     click.echo("Restart Ollama so new models load with it; `velollm-patch ollama restore-server` undoes this.")

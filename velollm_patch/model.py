@@ -974,6 +974,50 @@ def inspect_model(path: Path) -> ModelInfo:
         raise VelollmError(f"{path} {e.predicate}: {e.detail}") from None
 
 
+@dataclass(frozen=True)
+class GGUFLayout:
+    """A GGUF file's key-values and tensor shapes as written, for checks of which converter wrote a file
+    (its key names and tensor layout) rather than of what llama.cpp makes of it."""
+
+    path: Path
+    fields: dict[str, _Value]
+    tensors: dict[str, tuple[int, ...]]  # name -> shape, ne0 first (as ggml and the file list it)
+    _header: _Header = field(repr=False)
+
+    def has(self, key: str) -> bool:
+        return key in self.fields
+
+    def string(self, key: str) -> str | None:
+        value = self.fields.get(key)
+        return value if isinstance(value, str) else None
+
+    def uint(self, key: str) -> int | None:
+        value = self.fields.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+    def is_string_array(self, key: str) -> bool:
+        value = self.fields.get(key)
+        return isinstance(value, _ArrayRef) and value.elem_type == GGUFValueType.STRING
+
+    def has_tensor_prefix(self, prefix: str) -> bool:
+        return any(name.startswith(prefix) for name in self.tensors)
+
+    def token_text(self, index: int) -> bytes | None:
+        """Token ``index`` of ``tokenizer.ggml.tokens`` as llama.cpp reads it; None when there is none."""
+        tokens = self.fields.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, _ArrayRef) or tokens.elem_type != GGUFValueType.STRING or index >= tokens.count:
+            return None
+        h = self._header
+        return _read_token_texts(
+            _TokenSource(self.path, tokens.offset, tokens.count, h.byte_order, h.file_size, h.mtime_ns))[index]
+
+
+def read_gguf_layout(path: Path) -> GGUFLayout:
+    """Read ``path``'s GGUF header (checked as :func:`inspect_model` checks it) without interpreting it."""
+    header = _read_header(Path(path))
+    return GGUFLayout(Path(path), header.fields, {t.name: t.dims for t in header.tensors}, header)
+
+
 # --------------------------------------------------------------------------------------------
 # Finding models: paths and the Ollama store
 # --------------------------------------------------------------------------------------------

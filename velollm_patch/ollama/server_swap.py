@@ -2,13 +2,46 @@
 
 Ollama 0.30+ starts an upstream ``llama-server`` for every GGUF model and finds it next to its
 own executable: ``<prefix>/lib/ollama/llama-server`` on Linux (prefix = the directory above
-``bin/ollama``), the executable's directory on macOS and ``<exe dir>/lib/ollama`` on Windows.
-No environment variable overrides that path, so the binary itself is swapped.
+``bin/ollama``), the executable's directory on macOS and ``<exe dir>/lib/ollama`` on Windows
+(``llm/llama_binary.go``). No environment variable overrides that path, so the binary itself is swapped.
 
-The swap refuses a build of a different upstream llama.cpp commit than Ollama's (Ollama's
-compat patches and CLI contract are pinned to it) unless forced, keeps the original as
-``llama-server.velollm-orig`` (never overwritten), replaces the binary atomically, runs the new
-one to verify it, and undoes every step if anything fails.
+What is installed: our llama-server alone, as the static binary ``velollm-patch build`` makes
+(BUILD_SHARED_LIBS=OFF, GGML_BACKEND_DL=OFF, its CPU and GPU backend compiled in), and nothing else in
+``lib/ollama`` changes: Ollama's ``libggml-*`` and ``libllama`` stay, with every CPU variant and GPU backend
+folder (``cuda_v12``, ``cuda_v13``, ``rocm_v*``, ``vulkan``), because Ollama's own executable still loads them (its
+``gpu-discover`` probe dlopens ``lib/ollama/libggml-base.so`` and each backend; ``discover/native_probe_linux.go``).
+Sources: ollama/ollama v0.33.0-rc2 and the llama.cpp tree of our pin. Ollama starts the server with
+``LD_LIBRARY_PATH`` = its directory plus the GPU folder and ``GGML_BACKEND_PATH`` = that folder's backend
+(``llm/llama_server.go`` ``SetupLlamaServerCommandEnv``). A static server loads no backend library while it
+serves: ``llama_backend_init`` loads them only when none is compiled in, and of the options that load them
+anyway (``--device``, ``-ot``, ``--list-devices``) Ollama's model launch passes none. So it serves with its own
+ggml, which tests/test_ollama_server_swap.py checks on the real server started Ollama's way (its memory map holds
+no library of Ollama's). The one place it does load Ollama's is ``--list-devices`` (``common_print_available_devices``
+calls ``ggml_backend_load_all``, which scans the executable's directory and loads ``GGML_BACKEND_PATH``), which
+Ollama's GPU discovery runs: there Ollama's GPU backends are listed, though the server will not use them when it
+serves. So a build without the GPU backend Ollama would use on this machine would silently move every model to
+the CPU: install refuses it. A build with shared libraries (Ollama's presets) would instead have to replace
+Ollama's ``libggml-base``, which its GPU backends and its own executable link against; any library of ours that
+Ollama ships under the same name is refused.
+
+Before anything changes, ``install_server`` checks, each failure one line:
+
+- the install: ``<prefix>/bin/ollama --version`` is 0.30 or newer and no newer than the newest release
+  known here (:data:`~velollm_patch.ollama.versions.LATEST_KNOWN`; ``force`` passes a newer one), and the
+  layout is Ollama's (a regular ``llama-server`` file beside ``libggml-base`` on Linux);
+- the llama.cpp pins: Ollama's server (``--version``; :mod:`.pins` names its release) against ours: Ollama's
+  compat patches and server flags are made for its own commit, so a different one is refused unless
+  forced, naming a ``--source`` of ours built from Ollama's pin when a patch series supports it;
+- the GPU: see above;
+- the models: a model in Ollama's store that only Ollama's compat layer can load (:mod:`.compat`) would
+  fail with our server, so its presence refuses the swap unless forced, naming the models and why.
+
+Ollama's installer (``scripts/install.sh``) deletes ``lib/ollama`` before it unpacks a new release, so
+upgrading Ollama drops our binary and our backup together.
+
+The swap keeps the original as ``llama-server.velollm-orig`` (never overwritten), replaces the binary
+atomically, runs the new one to verify it, and undoes every step if anything fails; restore-server puts
+the original back, so ``lib/ollama`` is then byte for byte what Ollama installed.
 
 Interruptions. A ``kill -9``, a closed terminal or a power cut can stop a run between any two
 of its steps, and nothing runs the undo then. So every change to a name that matters is one
@@ -51,12 +84,16 @@ import os
 import platform
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from velollm_patch import proc
+from velollm_patch import hardware, patches, proc, source
 from velollm_patch.errors import VelollmError
+from velollm_patch.model import ollama_stores
+from velollm_patch.ollama.compat import scan_stores
+from velollm_patch.ollama.pins import LlamaCppRelease, known_release, ollama_pin
+from velollm_patch.ollama.versions import ERA_C_START, LATEST_KNOWN, OllamaVersion
 
 BACKUP_SUFFIX = ".velollm-orig"
 # Names of the shared libraries we added next to Ollama's binary, so restore can remove them.
@@ -153,16 +190,226 @@ def default_prefix(system: str | None = None) -> Path:
     return exe_dir if system in ("Darwin", "Windows") else exe_dir.parent
 
 
-def _bundled(prefix: Path, system: str | None) -> Path:
-    target = bundled_server_path(prefix, system)
-    if target.is_file():
-        return target
+def ollama_executable(prefix: Path, system: str | None = None) -> Path:
+    """The ``ollama`` executable of the install at ``prefix`` (the layouts of ``bundled_server_path``)."""
+    system = system or platform.system()
+    if system == "Darwin":
+        return prefix / "ollama"
+    if system == "Windows":
+        return prefix / "ollama.exe"
+    return prefix / "bin" / "ollama"
+
+
+# `ollama --version` (cmd/cmd.go versionHandler) prints "ollama version is X" for the *server* that answers on
+# OLLAMA_HOST, then "Warning: client version is Y" when the executable itself is another release.
+_CLIENT_VERSION = re.compile(r"client version is\s+(\S+)")
+_SERVER_VERSION = re.compile(r"ollama version is\s+(\S+)")
+# A closed port: no server answers, so the output names the executable's own version (an Ollama serving on
+# OLLAMA_HOST may be another install).
+_NO_SERVER = {"OLLAMA_HOST": "127.0.0.1:9"}
+
+
+@dataclass(frozen=True)
+class OllamaInstall:
+    prefix: Path
+    executable: Path
+    version: OllamaVersion | None  # None: a build from source, which says 0.0.0
+    pin: LlamaCppRelease | None  # the llama.cpp release this version bundles (pins.py), if known
+
+    def __str__(self) -> str:
+        return f"Ollama {self.version or '0.0.0'}"
+
+
+def parse_ollama_version(output: str) -> str | None:
+    match = _CLIENT_VERSION.search(output) or _SERVER_VERSION.search(output)
+    return match.group(1) if match else None
+
+
+def inspect_ollama(prefix: Path, system: str | None = None) -> OllamaInstall:
+    """The Ollama installed at ``prefix``, by its own ``--version``; a prefix without one is an error."""
     if not prefix.is_dir():
         raise VelollmError(f"{prefix} does not exist: pass the Ollama install prefix")
-    if target.parent.is_dir():
-        raise VelollmError(
-            f"{target} does not exist: Ollama before 0.30 has no separate llama-server; upgrade Ollama")
-    raise VelollmError(f"{prefix} holds no Ollama 0.30+ install: {target} does not exist")
+    exe = ollama_executable(prefix, system)
+    if not exe.is_file():
+        raise VelollmError(f"{prefix} holds no Ollama ({exe} does not exist): pass --prefix with the directory"
+                           " Ollama is installed in")
+    result = proc.run([exe, "--version"], env=_NO_SERVER, check=False, timeout=VERSION_TIMEOUT_S,
+                      what=f"{exe} --version")
+    text = parse_ollama_version(result.output)
+    try:
+        version = OllamaVersion.parse(text or "")
+    except VelollmError:
+        last = result.tail(1).strip() or "no output"
+        raise VelollmError(f"{exe} --version gave no Ollama version (exit {result.returncode}): {last}") from None
+    known = None if (version.major, version.minor, version.patch) == (0, 0, 0) else version
+    return OllamaInstall(prefix, exe, known, ollama_pin(known) if known else None)
+
+
+def _check_release(ollama: OllamaInstall, force: bool) -> str | None:
+    """Refuse an Ollama without a separate llama-server; a release newer than the newest known, or one that
+    does not say, only with ``force`` (then the returned line says what was overridden)."""
+    where = f"{ollama} at {ollama.prefix}"
+    if ollama.version is not None and ollama.version < ERA_C_START:
+        raise VelollmError(f"{where} is older than {ERA_C_START} and runs no separate llama-server to replace:"
+                           " upgrade Ollama")
+    if ollama.version is None:
+        problem = (f"Ollama at {ollama.prefix} reports version 0.0.0 (a build from source), so its release and"
+                   " llama.cpp pin cannot be checked")
+    elif ollama.version > LATEST_KNOWN:
+        problem = (f"{where} is newer than the newest release velollm-patch knows ({LATEST_KNOWN}): its layout and"
+                   " llama.cpp pin are unchecked")
+    else:
+        return None
+    if not force:
+        raise VelollmError(f"{problem}; update velollm-patch, or pass --force to install anyway")
+    return problem
+
+
+def _bundled(prefix: Path, system: str | None) -> Path:
+    """Ollama's llama-server in a layout this module knows: a regular file, beside Ollama's shared ggml on
+    Linux and Windows (``llama/server/CMakeLists.txt``: llama-server, libggml-base, libggml, libllama and the
+    CPU variants in lib/ollama; GPU backends in sub-folders). Anything else is refused unchanged."""
+    target = bundled_server_path(prefix, system)
+    if not prefix.is_dir():
+        raise VelollmError(f"{prefix} does not exist: pass the Ollama install prefix")
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        raise VelollmError(f"{target} is not a regular file, a layout velollm-patch does not know: install by hand")
+    if not target.is_file():
+        if target.parent.is_dir():
+            raise VelollmError(f"{target} does not exist, a layout velollm-patch does not know (Ollama before 0.30"
+                               " has no separate llama-server): upgrade Ollama, or check --prefix")
+        raise VelollmError(f"{prefix} holds no Ollama 0.30+ install: {target} does not exist")
+    system = system or platform.system()
+    base = {"Linux": "libggml-base.so*", "Windows": "ggml-base.dll"}.get(system)
+    if base and not any(target.parent.glob(base)):
+        raise VelollmError(f"{target.parent} has no {base.rstrip('*')} beside llama-server, a layout velollm-patch"
+                           " does not know: install by hand")
+    return target
+
+
+def describe_server(version: ServerVersion) -> str:
+    """A llama-server's llama.cpp as people name it: ``b10488 (9d77fa172)``, else its commit."""
+    release = known_release(commit=version.upstream_commit or "", build=version.build)
+    if release is not None and (release.commit or not version.upstream_commit):
+        return str(release)
+    if version.upstream_commit:
+        return f"{version.upstream_commit}" + (f" (build {version.build})" if version.build > 1 else "")
+    return version.commit
+
+
+def source_for(commit: str) -> str | None:
+    """A ``--source`` of ours for llama.cpp ``commit``: a pinned sdist whose tree a patch series supports."""
+    commit = commit.lower()
+    for pin in source.PINS.values():
+        if len(commit) >= 7 and (pin.commit.startswith(commit) or commit.startswith(pin.commit)):
+            try:
+                patches.find_series(pin.commit)
+            except VelollmError:
+                continue
+            return f"pypi:{source.SDIST_PACKAGE}=={pin.version}"
+    return None
+
+
+def _check_pins(ollama: OllamaInstall, original: ServerVersion, mine: ServerVersion, force: bool) -> str | None:
+    """Ours must be built from the llama.cpp Ollama's server was built from: Ollama's compat patches and the
+    flags it passes are made for that commit. The line names both and what to do."""
+    # A server built without git says "commit unknown"; then the release's pin says what it was built from.
+    commit = original.upstream_commit or (ollama.pin.commit if ollama.pin else "")
+    if commit and mine.same_upstream(ServerVersion(original.build, commit)):
+        return None
+    theirs = describe_server(original)
+    if not original.upstream_commit and ollama.pin is not None:
+        theirs = f"{ollama.pin} per its LLAMA_CPP_VERSION"
+    problem = (f"{ollama}'s llama-server is llama.cpp {theirs} and ours is {describe_server(mine)}: Ollama's"
+               " compat patches and server flags are made for its own")
+    if force:
+        return problem
+    spec = source_for(commit) if commit else None
+    if spec:
+        raise VelollmError(f"{problem}; build ours from it with `velollm-patch build --source {spec}`, or pass --force"
+                           " to install anyway")
+    pins = ", ".join(s.pin for s in patches.all_series()) or "none"
+    tag = known_release(commit=commit, build=original.build)
+    raise VelollmError(f"{problem}; velollm-patch has no patch series for {tag.tag if tag else theirs} (series exist"
+                       f" for {pins}), so pass --force to install anyway")
+
+
+# GPU backend folders in lib/ollama (llama/server/CMakePresets.json OLLAMA_RUNNER_DIR) and the family each
+# serves; the libraries a server linking that family's runtime needs.
+_GPU_FOLDERS = ((re.compile(r"cuda_(?:v\d+|jetpack\d+)"), "cuda"), (re.compile(r"rocm(?:_v\w+)?"), "rocm"),
+                (re.compile(r"vulkan"), "vulkan"))
+_GPU_RUNTIMES = ((re.compile(r"lib(?:cuda|cudart|cublas)\.so"), "cuda"),
+                 (re.compile(r"lib(?:amdhip64|hipblas|rocblas)\.so"), "rocm"), (re.compile(r"libvulkan\.so"), "vulkan"))
+
+
+def ollama_gpu_folders(lib_dir: Path) -> dict[str, list[str]]:
+    """Ollama's GPU backend folders beside its llama-server, by family (``cuda``: ``cuda_v12``, ...)."""
+    found: dict[str, list[str]] = {}
+    for entry in sorted(lib_dir.iterdir()):
+        for pattern, family in _GPU_FOLDERS:
+            if entry.is_dir() and pattern.fullmatch(entry.name):
+                found.setdefault(family, []).append(entry.name)
+    return found
+
+
+def gpu_families_from_ldd(output: str) -> frozenset[str]:
+    """The GPU backend families whose runtimes an ``ldd`` listing shows."""
+    return frozenset(family for pattern, family in _GPU_RUNTIMES if pattern.search(output))
+
+
+def server_gpu_families(binary: Path) -> frozenset[str]:
+    """The GPU backends compiled into a static llama-server, by the GPU runtimes it links (per ``ldd``)."""
+    try:
+        return gpu_families_from_ldd(proc.run(["ldd", binary], check=False, timeout=30, what="ldd").output)
+    except VelollmError:
+        return frozenset()
+
+
+def machine_gpu_families(probes: hardware.Probes | None = None) -> frozenset[str]:
+    """The GPU backend families this machine has a device for: NVIDIA (CUDA), AMD (ROCm), and a Vulkan GPU
+    (not a software rasterizer, which ggml-vulkan skips unless named)."""
+    p = probes or hardware.Probes()
+    vendors = {gpu.vendor for gpu in (*p.nvidia(), *p.amd())}
+    families = {family for vendor, family in (("nvidia", "cuda"), ("amd", "rocm")) if vendor in vendors}
+    if any(not device.is_software for device in p.vulkan()):
+        families.add("vulkan")
+    return frozenset(families)
+
+
+def _check_gpu(lib_dir: Path, ours: Path, machine: frozenset[str], force: bool) -> str | None:
+    """Refuse a server that lacks every GPU backend Ollama would run this machine's GPU with: it would load
+    none of Ollama's while serving, so every model would move to the CPU."""
+    folders = ollama_gpu_folders(lib_dir)
+    usable = {family: names for family, names in folders.items() if family in machine}
+    if not usable:
+        return None
+    have = server_gpu_families(ours)
+    if have & usable.keys():
+        return None
+    names = ", ".join(name for names in usable.values() for name in names)
+    built = "/".join(sorted(have)) or "CPU-only"
+    problem = (f"this machine's GPU runs under Ollama on its {names} backend, which our {built} llama-server lacks"
+               " (a static server loads none of Ollama's): every model would run on the CPU")
+    if force:
+        return problem
+    raise VelollmError(f"{problem}; build ours with `velollm-patch build --gpu {sorted(usable)[0]}`, or pass --force"
+                       " to install anyway")
+
+
+def _check_models(stores: Sequence[Path], force: bool) -> tuple[str | None, tuple[str, ...]]:
+    """Refuse while Ollama's store holds models only Ollama's compat layer loads; also say what could not be
+    read (those stay unchecked)."""
+    scan = scan_stores(stores)
+    unchecked = tuple(f"could not check {what}" for what in scan.unreadable)
+    if not scan.needs_compat:
+        return None, unchecked
+    listed = "; ".join(f"{m.name}: {m.reason}" for m in scan.needs_compat)
+    problem = (f"{len(scan.needs_compat)} model(s) in Ollama's store load only through Ollama's llama.cpp compat"
+               f" layer, which our llama-server lacks ({listed})")
+    if force:
+        return problem, unchecked
+    raise VelollmError(f"{problem}; remove them, or re-create them from llama.cpp-converted GGUFs, or pass --force"
+                       " to install anyway")
 
 
 def installed_server(prefix: Path | None = None, *, system: str | None = None) -> ServerVersion | None:
@@ -358,14 +605,28 @@ class InstallResult:
     original: ServerVersion
     installed: ServerVersion
     libraries: tuple[Path, ...] = ()
-    forced: bool = False  # the upstream commits differ and --force allowed it
+    overridden: tuple[str, ...] = ()  # the refusals --force passed
     changed: bool = True
+    ollama: OllamaInstall | None = None
+    unchecked: tuple[str, ...] = ()  # what could not be checked (an unreadable model)
+
+    @property
+    def forced(self) -> bool:
+        return bool(self.overridden)
 
 
 def install_server(prefix: Path, our_server: Path, force: bool = False, *, system: str | None = None,
-                   on_recovery: Callable[[str], None] | None = None) -> InstallResult:
-    """Make Ollama under ``prefix`` run ``our_server`` instead of its bundled llama-server. What
-    an interrupted earlier run left is finished or undone first, and told to ``on_recovery``."""
+                   on_recovery: Callable[[str], None] | None = None, stores: Sequence[Path] | None = None,
+                   machine_gpus: frozenset[str] | None = None) -> InstallResult:
+    """Make Ollama under ``prefix`` run ``our_server`` instead of its bundled llama-server.
+
+    Every check (module docstring) runs before anything changes; ``force`` passes those that allow it.
+    ``stores`` are the model stores to search (default: :func:`~velollm_patch.model.ollama_stores`),
+    ``machine_gpus`` the GPU families this machine has (default: :func:`machine_gpu_families`). What an
+    interrupted earlier run left is finished or undone afterwards, and told to ``on_recovery``."""
+    system = system or platform.system()
+    ollama = inspect_ollama(prefix, system)
+    overridden = [p for p in (_check_release(ollama, force),) if p]
     target = _bundled(prefix, system)
     files = _files(target)
     ours = our_server.resolve()
@@ -373,19 +634,22 @@ def install_server(prefix: Path, our_server: Path, force: bool = False, *, syste
         raise VelollmError(f"{our_server} is not an executable llama-server")
     if ours == target.resolve():
         raise VelollmError(f"{our_server} is Ollama's installed llama-server itself")
-    _heal(files, on_recovery)
+    # The backup, when there is one, is Ollama's original (never overwritten), also before recovery.
     original = server_version(files.backup if files.backup.exists() else target)
     mine = server_version(ours)
-    if not original.same_upstream(mine) and not force:
-        raise VelollmError(
-            f"Ollama's llama-server is llama.cpp {original.upstream_commit or original.commit}, ours is"
-            f" {mine.upstream_commit or mine.commit}: Ollama's patches and flags are pinned to its"
-            " commit; rebuild from it, or pass --force to install anyway")
-    if files.backup.exists() and filecmp.cmp(ours, target, shallow=False):
-        return InstallResult(target, files.backup, original, mine, forced=not original.same_upstream(mine),
-                             changed=False)
-    libs = _libs_to_copy(ours, target.parent) if (system or platform.system()) == "Linux" else []
+    pins = _check_pins(ollama, original, mine, force)
+    gpu = None
+    if system == "Linux":
+        machine = machine_gpu_families() if machine_gpus is None else machine_gpus
+        gpu = _check_gpu(target.parent, ours, machine, force)
+    models, unchecked = _check_models(ollama_stores() if stores is None else stores, force)
+    overridden += [p for p in (pins, gpu, models) if p]
+    libs = _libs_to_copy(ours, target.parent) if system == "Linux" else []
     _require_writable(target.parent)
+    _heal(files, on_recovery)
+    if files.backup.exists() and filecmp.cmp(ours, target, shallow=False):
+        return InstallResult(target, files.backup, original, mine, overridden=tuple(overridden), changed=False,
+                             ollama=ollama, unchecked=unchecked)
     try:
         if not files.backup.exists():
             _link_or_copy(target, files.backup, files.new)
@@ -395,8 +659,8 @@ def install_server(prefix: Path, our_server: Path, force: bool = False, *, syste
             _write_names(files.prev_manifest, listed, files.new)
             # Listed before they are copied, so no interruption leaves a library of ours unlisted.
             _write_names(files.manifest, [*listed, *(dest.name for _, dest in libs)], files.new)
-            for source, dest in libs:
-                shutil.copy2(source, files.new)
+            for source_lib, dest in libs:
+                shutil.copy2(source_lib, files.new)
                 os.replace(files.new, dest)
         shutil.copy2(ours, files.new)
         os.chmod(files.new, target.stat().st_mode & 0o7777 | 0o111)
@@ -418,7 +682,7 @@ def install_server(prefix: Path, our_server: Path, force: bool = False, *, syste
             raise
         raise VelollmError(f"installing {ours} failed and was undone: {reason}") from exc
     return InstallResult(target, files.backup, original, installed, tuple(dest for _, dest in libs),
-                         forced=not original.same_upstream(mine))
+                         overridden=tuple(overridden), ollama=ollama, unchecked=unchecked)
 
 
 @dataclass(frozen=True)
