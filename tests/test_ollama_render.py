@@ -335,6 +335,7 @@ def ollama_running(root: Path, patch_level: str) -> Path:
     lines += [f"velollm patch level: {patch_level}"] if patch_level else []
     server.write_text("#!/bin/sh\n" + "".join(f"echo '{line}' >&2\n" for line in lines))
     server.chmod(0o755)
+    (server.parent / "libggml-base.so").write_bytes(b"")  # Ollama's shared ggml beside it
     return root
 
 

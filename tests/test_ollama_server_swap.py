@@ -28,13 +28,13 @@ import pytest
 from click.testing import CliRunner
 
 from tests.helpers import add_ollama_model, write_layout_gguf
-from tests.ollama_launch import ollama_env, start_like_ollama
 from velollm_patch import serve
 from velollm_patch.cli_ollama import ollama
 from velollm_patch.errors import VelollmError
 from velollm_patch.model import inspect_model
 from velollm_patch.ollama import server_swap
 from velollm_patch.ollama.compat import compat_reason
+from velollm_patch.ollama.launch import ollama_env, start_like_ollama
 from velollm_patch.ollama.pins import LlamaCppRelease, ollama_pin
 from velollm_patch.ollama.server_swap import (
     ServerVersion,
