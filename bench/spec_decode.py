@@ -246,7 +246,7 @@ def bench_code_edit(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     a warm later one differ a lot; giving every server the same history keeps the comparison fair), then the
     measured runs alternate between the servers ABAB.  A fresh server per measured run, as this bench did up to
     level 20, put two servers of one configuration up to 12 % apart; long-lived servers alternated agree within
-    about 1 % (BENCHMARKS.md, level 20)."""
+    about 1 % (docs/benchmarks/speculative.md, level 20)."""
     base = ["-t", str(args.threads), "-c", "8192", "-np", "1", "--cache-ram", "0", "--no-warmup"]
     prompts = [code_edit_prompt()]
     upstream = [name for name in args.edit_upstream.split(",") if name]

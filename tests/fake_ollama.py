@@ -1,4 +1,4 @@
-"""A small but real Ollama HTTP server for tests, following the documented API (reference §5).
+"""A small but real Ollama HTTP server for tests, following the documented API (docs/ollama.md, API).
 
 It listens on 127.0.0.1 on a free port in a background thread and serves ``/api/version``,
 ``/api/ps``, ``/api/show`` and ``/api/generate`` with Ollama's field names and behaviour:

@@ -1,6 +1,6 @@
 """Ollama's own parser and parameter tests, transcribed case for case.
 
-Sources (per the reference, §6 "Compatibility suite to transcribe"): ``parser/parser_test.go``
+Sources (ollama/ollama v0.33.0-rc2): ``parser/parser_test.go``
 (TestParseFile*, TestCreateRequest*) and ``api/types_test.go`` (TestUseMmapFormatParams,
 TestMainGPUFormatParams, TestKeepAliveParsingFromJSON), plus the Go ``strconv``/``semver``
 cases the create step's value checks depend on.

@@ -246,7 +246,7 @@ def test_up_serves_the_default_model_and_stops_on_ctrl_c(patched_build: Installe
         )
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 130  # the README's exit code for Ctrl-C
+        assert process.wait(timeout=30) == 130  # docs/usage.md's exit code for Ctrl-C
     finally:
         if process.poll() is None:
             process.kill()

@@ -1,6 +1,6 @@
 """``serve`` against the real patched llama-server and SmolLM2 (issue #6): the supervisor restarts a
 killed server on the same URL, gives up after a bounded number of crashes, and the CLI command
-serves the tuned plan and exits 130 on Ctrl-C and 143 on SIGTERM, as the README's Errors section says.
+serves the tuned plan and exits 130 on Ctrl-C and 143 on SIGTERM, as docs/usage.md's Errors section says.
 No timing thresholds."""
 
 from __future__ import annotations

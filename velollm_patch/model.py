@@ -8,7 +8,7 @@ the same format, checks every count and length against the bytes left in the fil
 them, and only records where big arrays (token texts, merges, scores) are; token texts are read
 when a draft compatibility check needs them.
 
-The rules mirror the pinned llama.cpp tree (see /work/shared/reference/llama-cpp.md): KV sizing
+The rules mirror the pinned llama.cpp tree (docs/llama-cpp.md, KV sizing and Speculative decoding): KV sizing
 follows ``llama_context`` / ``llama_kv_cache_iswa``, the SWA layer pattern follows
 ``load_swa_pattern``, vocabulary defaults follow ``llama_vocab::impl::load`` and the draft check
 is ``common_speculative_are_compatible``.

@@ -3,7 +3,7 @@ that upstream leaves to the user, with a one-line reason for each.
 
 Upstream's ``--fit`` only fits context and GPU layers to free device memory; it never picks KV
 types, flash attention, batch sizes, slots or speculation, and it ignores system RAM
-(/work/shared/reference/llama-cpp.md §4). The planner decides those from facts it can check:
+(``common_fit_params`` in common/fit.h; docs/llama-cpp.md, Fit). The planner decides those from facts it can check:
 
 * the hardware (:mod:`velollm_patch.hardware`, or a recorded machine in tests);
 * the GGUF header (:mod:`velollm_patch.model`: KV bytes per token, head sizes, SWA, vocabulary);
@@ -84,7 +84,7 @@ MIN_DRAFT_SPEEDUP = 1.1
 # adaptive per step, and wasted verification of improbable tokens is avoided. 0.75 is the value
 # upstream used before it changed the default to 0 (ggml-org/llama.cpp#26100).
 DRAFT_P_MIN = 0.75
-# n-gram types in the order we prefer them (reference §3.1: ngram-mod is the one --spec-default picks).
+# n-gram types in the order we prefer them (ngram-mod is the one --spec-default picks, common/arg.cpp).
 NGRAM_TYPES = ("ngram-mod", "ngram-map-k", "ngram-simple")
 # Tokens a step may draft, per speculative type, as llama-server reserves output rows for them
 # (common_speculative_n_max with common.h's defaults; an adaptive draft model may draft up to 16).
@@ -98,7 +98,7 @@ UPSTREAM_CTX_CHECKPOINTS = 32
 # llama-server's --cache-ram default (MiB): the host-RAM prompt cache that keeps saved slot states.
 UPSTREAM_CACHE_RAM_MIB = 8192
 # What a running llama-server holds besides its buffers, read from /proc/PID/smaps on the CPU build
-# (BENCHMARKS.md, "planned vs measured"): code pages, libraries, thread stacks and heap, plus the
+# (docs/benchmarks/tuner.md, "planned vs measured"): code pages, libraries, thread stacks and heap, plus the
 # vocabulary's token texts, scores and lookup maps (~150 bytes a token).
 RUNTIME_BASE_BYTES = 20 * MiB
 VOCAB_HEAP_BYTES_PER_TOKEN = 150
@@ -365,7 +365,7 @@ def kv_pair_problem(
 ) -> str | None:
     """Why llama.cpp would refuse (or run slowly with) this K/V pair here; None when it is fine.
 
-    The rules are those of the pinned tree (reference §2): a quantized V needs flash attention;
+    The rules are those of the pinned tree (docs/llama-cpp.md, KV types): a quantized V needs flash attention;
     quantized types need head sizes divisible by their block; CUDA runs flash attention at full
     speed only for the compiled vec pairs and has no iq4_nl kernel at all (it falls back to the
     CPU); Metal needs K and V of the same type.
@@ -670,7 +670,7 @@ class _ServerPlanner:
     def flash_attention(self, backend: str) -> bool:
         if backend == "cpu":
             # Off would decode faster at long context on the CPU kernel, but prompts process slower and short
-            # contexts decode slower: over the bench suite it lost (BENCHMARKS.md, "flash attention on a CPU").
+            # contexts decode slower: over the bench suite it lost (docs/benchmarks/tuner.md, flash attention).
             why = "quantized V and on-demand KV need it, and it avoids the n_ctx x n_ubatch score matrix"
         else:
             why = f"fused attention kernels on {backend}; needed for quantized V and on-demand KV"
@@ -987,7 +987,7 @@ def _fit_wanted(s: Settings) -> list[tuple[str, str | None]]:
 
 
 def _draft_bytes(s: Settings) -> int:
-    """The draft model's weights and its KV cache, which mirrors the target's context (reference §1.2).
+    """The draft model's weights and its KV cache, which mirrors the target's context (common/speculative.cpp).
     llama-fit-params of the pinned tree does not load a draft, so this is always arithmetic."""
     spec = s.speculation
     if spec is None or spec.draft is None:

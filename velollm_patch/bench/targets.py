@@ -419,7 +419,7 @@ class UrlTarget(_ChatTarget):
 
 
 class OllamaTarget(Target):
-    """An Ollama server, measured with the metrics of /api/generate (reference ollama.md §5)."""
+    """An Ollama server, measured with the metrics of /api/generate (docs/ollama.md, API)."""
 
     def __init__(self, spec: TargetSpec, request_timeout: float) -> None:
         info = TargetInfo(kind="ollama", spec=spec.ref, label=spec.label, api="ollama", model=spec.model)
@@ -445,7 +445,7 @@ class OllamaTarget(Target):
             first = first or time.perf_counter()
 
         # Ollama always reuses cached prompt prefixes, and in era C reports prompt_eval_count with
-        # the cached tokens included but prompt_eval_duration without them (§5): a unique first line
+        # the cached tokens included but prompt_eval_duration without them (llamaServerTimings): a unique first line
         # makes the whole prompt evaluated, so the prompt rate is honest.
         text = f"(request {nonce})\n{render_transcript(prompt)}"
         # The same options on every request: changing a runner option would reload the model.

@@ -1,6 +1,6 @@
 """A typed client for the parts of the Ollama HTTP API that tuning and benchmarking need.
 
-Covers ``/api/version``, ``/api/ps``, ``/api/show`` and ``/api/generate`` (§5 of the reference).
+Covers ``/api/version``, ``/api/ps``, ``/api/show`` and ``/api/generate`` (docs/ollama.md, API).
 The base URL follows ``OLLAMA_HOST`` exactly as Ollama's own ``envconfig.Host()`` reads it, so
 ``http://box`` means port 80 and ``box`` means port 11434. Every failure (server down, unknown
 model, a request Ollama rejects) becomes a one-line :class:`VelollmError`.

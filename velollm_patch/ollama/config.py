@@ -1,7 +1,7 @@
 """Ollama server settings: what is set now, what to set, and writing it safely.
 
-The knobs are environment variables of ``ollama serve`` (reference §2). Which ones matter, and
-what values they may take, depends on the Ollama release (§0, §4): a quantized KV cache needs
+The knobs are environment variables of ``ollama serve`` (envconfig/config.go). Which ones matter, and
+what values they may take, depends on the Ollama release (docs/ollama.md): a quantized KV cache needs
 Ollama 0.5.0+, era B only knows f16/q8_0/q4_0 and needs flash attention switched on, era C
 passes the type unchecked to llama-server, which dies when a model's head dims do not divide
 the type's block size. ``LLAMA_ARG_*`` variables reach llama-server only in era C, and only
@@ -59,7 +59,7 @@ from velollm_patch.paths import get_paths
 
 GIB = 1024**3
 # Below this release the settings here either do not exist (OLLAMA_KV_CACHE_TYPE arrived in
-# 0.5.0) or behave in ways the reference does not cover.
+# 0.5.0) or behave in ways docs/ollama.md does not cover.
 MIN_OLLAMA = KV_CACHE_TYPE_SINCE
 # llama-server's --fit keeps 1024 MiB free per device by default; plans keep the same margin.
 FIT_MARGIN_BYTES = GIB
@@ -147,7 +147,7 @@ class LoadedModel:
     def estimated_weights(self) -> int:
         """The weights' size: the GGUF file's when known, else ``/api/ps`` ``size`` less one
         slot of f16 KV at ``context_length``. Ollama's size prediction counts the KV as f16
-        whatever OLLAMA_KV_CACHE_TYPE says (reference §4), so this does not depend on the
+        whatever OLLAMA_KV_CACHE_TYPE says (llm/llama_server.go PredictServerVRAM), so this does not depend on the
         settings the server runs with; with several slots it over-estimates, which is safe."""
         if self.weights_bytes is not None:
             return self.weights_bytes
@@ -162,7 +162,7 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def loaded_model_from_show(name: str, show: ShowResponse, running: RunningModel | None = None) -> LoadedModel:
-    """Read the GGUF keys of ``/api/show`` ``model_info`` that size the KV cache (§5)."""
+    """Read the GGUF keys of ``/api/show`` ``model_info`` that size the KV cache (docs/ollama.md, API)."""
     info = show.model_info
     arch = str(info.get("general.architecture") or "")
     blocks = _int_or_none(info.get(f"{arch}.block_count"))

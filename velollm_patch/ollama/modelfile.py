@@ -2,7 +2,7 @@
 
 ``ollama create`` parses the Modelfile on the client (``parser.ParseFile``), turns it into a
 request (``Modelfile.CreateRequest``) and types each PARAMETER (``api.FormatParams``); the
-server never sees the text. This module ports those three steps from the reference rune for
+server never sees the text. This module ports those three steps from Ollama v0.33.0-rc2 rune for
 rune (the state machine is unchanged since 0.5.0), so :func:`lint_modelfile` accepts and rejects
 exactly what ``ollama create`` does, with Ollama's own error texts, and adds warnings for the
 traps that parse fine but mean something other than what the author wrote.
@@ -131,7 +131,7 @@ DEPRECATED_PARAMETERS = (
     "penalize_newline", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mlock",
     "mirostat", "mirostat_tau", "mirostat_eta",
 )
-# Names that no longer exist and fail with "unknown parameter". The reference dates only
+# Names that no longer exist and fail with "unknown parameter". docs/ollama.md dates only
 # tfs_z's removal, so the others are treated as unknown for every target.
 REMOVED_PARAMETERS: Mapping[str, str] = MappingProxyType({
     "tfs_z": "tfs_z was removed in Ollama 0.5.5",
@@ -142,7 +142,7 @@ REMOVED_PARAMETERS: Mapping[str, str] = MappingProxyType({
 })
 
 # What each load-time knob does, for the comments of generated Modelfiles; the second part is
-# how Ollama >= 0.30 passes it to llama-server (reference §1 parameter table).
+# how Ollama >= 0.30 passes it to llama-server (llm/llama_server.go startLlamaServer; docs/ollama.md).
 _PARAMETER_EFFECTS: Mapping[str, tuple[str, str]] = MappingProxyType({
     "num_ctx": ("context window per request slot; KV memory grows with num_ctx x OLLAMA_NUM_PARALLEL",
                 "llama-server gets -c num_ctx*parallel -np parallel"),
@@ -572,7 +572,7 @@ def _create_one(
 ) -> None:
     since = _COMMAND_SINCE.get(c.name)
     # A release older than the command rejects it while parsing, listing its own (shorter) set of
-    # commands; the reference quotes only the current list, so this message is ours.
+    # commands; only the current list is transcribed (errInvalidCommand), so this message is ours.
     if since is not None and target < since:
         raise _CreateError(f"{c.name.upper()} needs Ollama {since} or newer (target is {target})")
     if c.name in ("model", "draft", "adapter"):
@@ -673,7 +673,7 @@ def lint_modelfile(data: str | bytes, *, relative_dir: Path | None = None,
     ``errors`` holds what Ollama would refuse: the parser stops at its first error (as Ollama
     does); past the parser every create-step error is listed, the first being the one Ollama
     reports. ``warnings`` never make Ollama fail; they flag files that mean something other than
-    they appear to. ``ollama_version`` is the target release (default: the newest the reference
+    they appear to. ``ollama_version`` is the target release (default: the newest docs/ollama.md
     covers); parameters and commands that release lacks are errors.
     """
     target = ollama_version or LATEST_KNOWN
@@ -842,7 +842,7 @@ class ModelfileSpec:
     the complete stop list (a derived model's list replaces its base's, so list every stop);
     ``reasons`` maps a parameter name or ``from``/``draft``/``requires``/``stop``/``template``/
     ``system`` to the comment written above it; ``comments`` open the file. ``ollama_version``
-    is the release the file is for (default: the newest the reference covers)."""
+    is the release the file is for (default: the newest docs/ollama.md covers)."""
 
     from_model: str
     parameters: Mapping[str, ParamValue] = field(default_factory=dict, hash=False)
@@ -1140,7 +1140,7 @@ def loadable_draft(
 def tuned_parameters(plan: Plan) -> tuple[dict[str, ParamValue], dict[str, str], str | None]:
     """The PARAMETERs (with their reasons) and the DRAFT path that carry a tuner plan into a Modelfile.
 
-    Ollama passes ``num_batch`` as both ``-b`` and ``-ub`` (reference §3), so it gets the plan's ubatch:
+    Ollama passes ``num_batch`` as both ``-b`` and ``-ub`` (appendBatchArgs), so it gets the plan's ubatch:
     the plan's larger logical batch would also grow the compute buffer. Slots, KV types and flash
     attention are server-wide in Ollama (``ollama config``), not Modelfile parameters."""
     s = plan.settings

@@ -1,6 +1,6 @@
 """Ollama release versions and the feature boundaries between them.
 
-Ollama changed its inference engine twice (see the reference's era table): era A ran an
+Ollama changed its inference engine twice (docs/ollama.md, Eras): era A ran an
 ``ollama_llama_server`` subprocess, era B linked llama.cpp into an ``ollama runner`` subprocess,
 and era C (0.30.0+) runs upstream ``llama-server``. Which Modelfile commands, parameters and
 environment variables mean anything depends on the release, so every generator and checker
@@ -74,5 +74,5 @@ RENDERER_PARSER_SINCE = OllamaVersion(0, 12, 0)
 REQUIRES_SINCE = OllamaVersion(0, 14, 0)
 DRAFT_SINCE = OllamaVersion(0, 23, 1)
 KV_CACHE_TYPE_SINCE = OllamaVersion(0, 5, 0)
-# The release the reference was read at (tag v0.33.0-rc2); the default target for generators.
+# The release docs/ollama.md was read at (tag v0.33.0-rc2); the default target for generators.
 LATEST_KNOWN = OllamaVersion(0, 33, 0)
