@@ -85,6 +85,21 @@ def default_tokens(n: int) -> list[str]:
     return ["<unk>", "<s>", "</s>"] + [f"tok{i}" for i in range(3, n)]
 
 
+def add_key_values(writer: gguf.GGUFWriter, values: dict[str, Any]) -> None:
+    """Key-values typed by their Python type: bool, int as uint32, float as float32, str, else an array."""
+    for key, value in values.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+
+
 def write_gguf(
     path: Path,
     *,
@@ -125,15 +140,7 @@ def write_gguf(
         w.add_add_bos_token(add_bos)
     if file_type is not None:
         w.add_file_type(file_type)
-    for key, value in (extra or {}).items():
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_array(key, value)
+    add_key_values(w, extra or {})
 
     def tensor(name: str, rows: int, cols: int) -> None:
         if qtype == gguf.GGMLQuantizationType.F32:
@@ -166,17 +173,7 @@ def write_layout_gguf(path: Path, arch: str, kv: dict[str, Any] | None = None,
     w = gguf.GGUFWriter(path, arch)
     if tokens is not None:
         w.add_token_list(list(tokens))
-    for key, value in (kv or {}).items():
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, float):
-            w.add_float32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_array(key, value)
+    add_key_values(w, kv or {})
     for name, shape in (tensors or {"token_embd.weight": (8, 4)}).items():
         w.add_tensor(name, np.zeros(tuple(reversed(shape)), dtype=np.float32))
     w.write_header_to_file()

@@ -826,8 +826,9 @@ def mapped_files(pid: int, under: Path) -> set[str]:
 @needs_cc
 def test_static_server_in_ollamas_lib_dir(tmp_path: Path, patched_server: Path, smollm2_gguf: Path) -> None:
     """Why the static server is what is installed, measured: started the way Ollama starts it (its argv, its
-    LD_LIBRARY_PATH, GGML_BACKEND_PATH naming its CUDA backend), it maps no library of Ollama's and serves; only
-    `--list-devices`, which Ollama's GPU discovery runs, loads Ollama's CPU variants and GPU backend."""
+    LD_LIBRARY_PATH, GGML_BACKEND_PATH naming its CUDA backend), it maps no library of Ollama's and serves; and
+    `--list-devices`, which Ollama's GPU discovery runs, loads none either (patch static-build-own-devices), where
+    upstream's loads Ollama's CPU variants and GPU backend (GGML_BACKEND_DL_SCAN=1 restores that)."""
     ours = server_version(patched_server)
     prefix = ollama_prefix(tmp_path, f"version: 0.1.2-dev (build 1, commit {ours.upstream_commit})")
     target = bundled_server_path(prefix, "Linux")
@@ -842,12 +843,17 @@ def test_static_server_in_ollamas_lib_dir(tmp_path: Path, patched_server: Path, 
         assert serve.complete(server, "Once upon a time", 4)["tokens_predicted"] == 4
         assert "foreign ggml library loaded" not in server.log_text()
 
-    discovery = subprocess.run([target, "--list-devices", "--offline", "--verbose"], capture_output=True, text=True,
-                               env=ollama_env(target, environment), cwd=tmp_path, timeout=120)
-    loaded = {line.rsplit(": ", 1)[1] for line in discovery.stderr.splitlines()
-              if line.startswith("foreign ggml library loaded: ")}
+    def discovery(extra: dict[str, str]) -> tuple[set[str], str]:
+        run = subprocess.run([target, "--list-devices", "--offline", "--verbose"], capture_output=True, text=True,
+                             env=ollama_env(target, {**environment, **extra}), cwd=tmp_path, timeout=120)
+        assert "Available devices:" in run.stdout
+        return {line.rsplit(": ", 1)[1] for line in run.stderr.splitlines()
+                if line.startswith("foreign ggml library loaded: ")}, run.stdout
+
+    loaded, devices = discovery({})
+    assert loaded == set(), devices
+    loaded, _ = discovery({"GGML_BACKEND_DL_SCAN": "1"})
     assert loaded >= {"libggml-base.so.0.9.7", "libggml-cpu-haswell.so", "libggml-cuda.so"}
-    assert "Available devices:" in discovery.stdout
 
 
 def without_key(source: Path, dest: Path, key: str) -> Path:

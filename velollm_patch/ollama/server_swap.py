@@ -16,13 +16,13 @@ Sources: ollama/ollama v0.33.0-rc2 and the llama.cpp tree of our pin. Ollama sta
 serves: ``llama_backend_init`` loads them only when none is compiled in, and of the options that load them
 anyway (``--device``, ``-ot``, ``--list-devices``) Ollama's model launch passes none. So it serves with its own
 ggml, which tests/test_ollama_server_swap.py checks on the real server started Ollama's way (its memory map holds
-no library of Ollama's). The one place it does load Ollama's is ``--list-devices`` (``common_print_available_devices``
-calls ``ggml_backend_load_all``, which scans the executable's directory and loads ``GGML_BACKEND_PATH``), which
-Ollama's GPU discovery runs: there Ollama's GPU backends are listed, though the server will not use them when it
-serves. So a build without the GPU backend Ollama would use on this machine would silently move every model to
-the CPU: install refuses it. A build with shared libraries (Ollama's presets) would instead have to replace
-Ollama's ``libggml-base``, which its GPU backends and its own executable link against; any library of ours that
-Ollama ships under the same name is refused.
+no library of Ollama's). Upstream's ``--list-devices``, which Ollama's GPU discovery runs, does load Ollama's
+(``common_print_available_devices`` calls ``ggml_backend_load_all``, which scans the executable's directory and
+loads ``GGML_BACKEND_PATH``) and lists devices the server will not use; our patch static-build-own-devices makes
+a static build list only its own. So a build without the GPU backend Ollama would use on this machine would
+move every model to the CPU: install refuses it unless forced. A build with shared libraries (Ollama's
+presets) would instead have to replace Ollama's ``libggml-base``, which its GPU backends and its own executable
+link against; any library of ours that Ollama ships under the same name is refused.
 
 Before anything changes, ``install_server`` checks, each failure one line:
 
