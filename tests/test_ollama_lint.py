@@ -9,13 +9,7 @@ from click.testing import CliRunner
 
 from velollm_patch.cli_ollama import ollama
 from velollm_patch.errors import VelollmError
-from velollm_patch.ollama.modelfile import (
-    ERR_INVALID_COMMAND,
-    ERR_INVALID_ROLE,
-    LintIssue,
-    LintResult,
-    lint_modelfile,
-)
+from velollm_patch.ollama.parser import ERR_INVALID_COMMAND, ERR_INVALID_ROLE, LintIssue, LintResult, lint_modelfile
 from velollm_patch.ollama.versions import OllamaVersion
 
 
@@ -167,7 +161,7 @@ def test_single_quotes_are_not_quotes() -> None:
 
 
 def test_removed_parameter_explains_itself() -> None:
-    warning_containing(lint("FROM foo\nPARAMETER tfs_z 1.0\n"), "removed in Ollama 0.5.5")
+    warning_containing(lint("FROM foo\nPARAMETER tfs_z 1.0\n"), "removed in Ollama 0.5.2")
 
 
 def test_missing_from_path_becomes_a_model_name(tmp_path: Path) -> None:
@@ -195,7 +189,7 @@ def test_directory_without_weights(tmp_path: Path) -> None:
     ("FROM foo\nREQUIRES 0.14.0\n", "0.13.5", "REQUIRES needs Ollama 0.14.0 or newer (target is 0.13.5)"),
     ("FROM foo\nRENDERER x\n", "0.11.0", "RENDERER needs Ollama 0.12.0 or newer (target is 0.11.0)"),
     ("FROM foo\nPARAMETER draft_num_predict 4\n", "0.29.9", "unknown parameter 'draft_num_predict'"),
-    ("FROM foo\nPARAMETER tfs_z 1.0\n", "0.5.5", "unknown parameter 'tfs_z'"),
+    ("FROM foo\nPARAMETER tfs_z 1.0\n", "0.5.2", "unknown parameter 'tfs_z'"),
 ])
 def test_target_version_decides_what_exists(text: str, version: str, error: str, tmp_path: Path) -> None:
     (tmp_path / "d.gguf").write_bytes(b"GGUF")
@@ -203,7 +197,7 @@ def test_target_version_decides_what_exists(text: str, version: str, error: str,
 
 
 @pytest.mark.parametrize(("text", "version"), [
-    ("FROM foo\nPARAMETER tfs_z 1.0\n", "0.5.4"),
+    ("FROM foo\nPARAMETER tfs_z 1.0\n", "0.5.1"),
     ("FROM foo\nPARAMETER draft_num_predict 4\n", "0.30.0"),
 ])
 def test_older_and_newer_names_valid_in_their_releases(text: str, version: str) -> None:

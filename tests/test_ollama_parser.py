@@ -17,7 +17,7 @@ import pytest
 from velollm_patch.errors import VelollmError
 from velollm_patch.ollama.api import keep_alive_seconds
 from velollm_patch.ollama.gosyntax import parse_float32, parse_int, semver_is_valid
-from velollm_patch.ollama.modelfile import (
+from velollm_patch.ollama.parser import (
     ERR_INVALID_COMMAND,
     ERR_INVALID_ROLE,
     ERR_MISSING_FROM,

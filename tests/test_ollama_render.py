@@ -22,17 +22,15 @@ from velollm_patch.ollama.api import ShowResponse
 from velollm_patch.ollama.config import fit_context
 from velollm_patch.ollama.modelfile import (
     CLASSIC_DRAFT_PATCH,
-    CreateRequest,
     ModelfileSpec,
     draft_problem,
-    lint_modelfile,
     loadable_draft,
-    parse_modelfile,
     parse_show_parameters,
     quote_value,
     render_modelfile,
     spec_from_base,
 )
+from velollm_patch.ollama.parser import CreateRequest, lint_modelfile, parse_modelfile
 from velollm_patch.ollama.versions import OllamaVersion
 from velollm_patch.paths import Paths
 
@@ -127,7 +125,7 @@ def test_explicit_requires_kept_when_higher() -> None:
     (ModelfileSpec("m", parameters={"temperature": 1e39}), "not a finite float32"),
     (ModelfileSpec("m", parameters={"NUM_CTX": 8}), "has no parameter 'NUM_CTX'"),
     (ModelfileSpec("m", parameters={"mirostat": 1}), "deprecated"),
-    (ModelfileSpec("m", parameters={"tfs_z": 1.0}), "removed in Ollama 0.5.5"),
+    (ModelfileSpec("m", parameters={"tfs_z": 1.0}), "removed in Ollama 0.5.2"),
     (ModelfileSpec("m", parameters={"num ctx": 1}), "not a parameter name"),
     (ModelfileSpec(" "), "needs a FROM model"),
     (ModelfileSpec("m", system="a\u200db"), "contains U+200D"),
@@ -139,8 +137,8 @@ def test_specs_ollama_would_not_take_are_refused(spec: ModelfileSpec, error: str
 
 
 def test_old_target_gets_only_old_names() -> None:
-    text = render_modelfile(ModelfileSpec("m", parameters={"tfs_z": 0.9}, ollama_version="0.5.4"))
-    assert created(text, "0.5.4").parameters["tfs_z"] == pytest.approx(0.9)
+    text = render_modelfile(ModelfileSpec("m", parameters={"tfs_z": 0.9}, ollama_version="0.5.1"))
+    assert created(text, "0.5.1").parameters["tfs_z"] == pytest.approx(0.9)
 
 
 def test_era_c_comments_say_what_llama_server_gets() -> None:

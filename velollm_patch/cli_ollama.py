@@ -34,16 +34,14 @@ from velollm_patch.ollama.config import (
 from velollm_patch.ollama.modelfile import (
     CLASSIC_DRAFT_PATCH,
     ModelfileSpec,
-    ParamValue,
     draft_problem,
     draft_vocabulary_problem,
-    lint_modelfile,
     loadable_draft,
-    read_modelfile,
     render_modelfile,
     spec_from_base,
     tuned_parameters,
 )
+from velollm_patch.ollama.parser import ParamValue, lint_modelfile, read_modelfile
 from velollm_patch.ollama.server_swap import default_prefix, install_server, installed_server, restore_server
 from velollm_patch.ollama.versions import OllamaVersion, parse_reported_version
 from velollm_patch.paths import get_paths
