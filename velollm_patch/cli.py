@@ -15,7 +15,7 @@ from typing import Any, ParamSpec, TypeVar
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from velollm_patch import __version__, builds, hardware, models, patches, serve, source, terminal, tune
+from velollm_patch import __version__, builds, hardware, models, patches, rebase, serve, source, terminal, tune
 from velollm_patch.build import GPU_CHOICES, TARGETS, BuildOptions, ProgressCallback, plan_build, run_build
 from velollm_patch.errors import VelollmError, plain
 from velollm_patch.model import inspect_model
@@ -147,7 +147,8 @@ def patches_list(as_json: bool) -> None:
     all_series = patches.all_series()
     if as_json:
         _emit_json([
-            {"pin": s.pin, "level": s.level, "supports": list(s.supports), "patches": [p.to_dict() for p in s.patches]}
+            {"pin": s.pin, "level": s.level, "supports": list(s.supports), "patches": [p.to_dict() for p in s.patches],
+             "unavailable": [{"name": u.name, "reason": u.reason} for u in s.unavailable]}
             for s in all_series
         ])
         return
@@ -156,6 +157,8 @@ def patches_list(as_json: bool) -> None:
         for patch in series.patches:
             flag = f" [{patch.flag}]" if patch.flag else ""
             click.echo(f"  {patch.file.name}: {patch.summary}{flag}")
+        for gone in series.unavailable:
+            click.echo(f"  not on this pin: {gone.name} ({gone.reason})")
 
 
 @patches_group.command("check")
@@ -193,6 +196,43 @@ def patches_apply(spec: str, selection: str, out: Path) -> None:
         patches.apply(series, selected, tree)
         tree.rename(out)
     click.echo(f"{out}: llama.cpp {fetched.short_commit} + {series.level_string(selected) or 'no patches'}")
+
+
+@patches_group.command("rebase")
+@click.option("--onto", "spec", required=True, help="The upstream tree to carry the series to (a --source spec).")
+@click.option("--from", "from_pin", help="The series to start from (default: the newest).")
+@click.option("--dry-run", is_flag=True, help="Report per patch; write nothing.")
+def patches_rebase(spec: str, from_pin: str | None, dry_run: bool) -> None:
+    """Replay a series onto another llama.cpp tree and write what applies as that tree's series."""
+    paths = get_paths()
+    target = source.fetch(spec, paths)
+    if not target.commit:
+        raise VelollmError(f"{spec} has no known llama.cpp commit: a series is named by its commit; use a git"
+                           " checkout or a pinned sdist")
+    pin = target.commit[:7]
+    known = patches.all_series()
+    if any(s.supports_commit(target.commit) for s in known):
+        raise VelollmError(f"a series for llama.cpp {pin} exists already (velollm-patch patches list)")
+    series = next((s for s in known if s.pin == from_pin), None) if from_pin else (known[-1] if known else None)
+    if series is None:
+        raise VelollmError(f"no series {from_pin}: the series are {', '.join(s.pin for s in known) or 'none'}")
+    pin_source = next((p for p in source.PINS.values() if p.commit.startswith(series.upstream_commit[:7])), None)
+    if pin_source is None:
+        raise VelollmError(f"the tree of series {series.pin} is not a pinned source: add it to source.PINS")
+    base = source.fetch(f"pypi:{source.SDIST_PACKAGE}=={pin_source.version}", paths)
+    click.echo(f"replaying series {series.pin} (level {series.level}) onto llama.cpp {pin} …", err=True)
+
+    def report(status: rebase.RebaseStatus) -> None:
+        detail = f": {status.detail}" if status.detail else ""
+        click.echo(f"  {status.patch.file.name}: {status.state}{detail}")
+
+    result = rebase.rebase(series, base.tree, target.tree, target.commit, on_patch=report)
+    applied = sum(s.applied for s in result.statuses)
+    click.echo(f"{applied} of {len(result.statuses)} patches apply to llama.cpp {pin}")
+    if dry_run:
+        return
+    dest = rebase.write_series(result, series.directory.parent, pin)
+    click.echo(f"wrote {dest}")
 
 
 # --- build and installed builds ----------------------------------------------------------------

@@ -45,6 +45,14 @@ class Patch:
 
 
 @dataclass(frozen=True)
+class Unavailable:
+    """A patch of the series that this pin does not have, and why (written by ``patches rebase``)."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Series:
     directory: Path
     upstream: str
@@ -53,6 +61,7 @@ class Series:
     level: int
     supports: tuple[str, ...]
     patches: tuple[Patch, ...]
+    unavailable: tuple[Unavailable, ...] = ()
 
     def supports_commit(self, commit: str) -> bool:
         return any(commit.startswith(s) or s.startswith(commit) for s in self.supports) and len(commit) >= 7
@@ -64,6 +73,9 @@ class Series:
         if selection == "none":
             return ()
         wanted = [n.strip() for n in selection.split(",") if n.strip()]
+        for gone in self.unavailable:
+            if gone.name in wanted:
+                raise VelollmError(f"patch {gone.name} is not available for llama.cpp {self.pin} ({gone.reason})")
         known = {p.name for p in self.patches}
         unknown = [n for n in wanted if n not in known]
         if unknown:
@@ -117,6 +129,7 @@ def load_series(directory: Path) -> Series:
             directory=directory, upstream=head["upstream"], pin=head["pin"],
             upstream_commit=head["upstream_commit"], level=int(head["level"]),
             supports=tuple(head["supports"]), patches=tuple(patches),
+            unavailable=tuple(Unavailable(u["name"], u["reason"]) for u in data.get("unavailable", [])),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise VelollmError(f"{series_file} is malformed (missing or bad field {exc})") from exc

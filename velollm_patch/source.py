@@ -44,6 +44,12 @@ class SdistPin:
 
 # The one place that pins upstream. Add a release here to support its tree.
 PINS: dict[str, SdistPin] = {
+    # llama.cpp b10454 (mid-August 2026), days before Ollama 0.32.15-0.33's b10488 (ollama/pins.py).
+    "0.3.35": SdistPin(
+        version="0.3.35",
+        sha256="1139dbb54509074b70893fab8554e3b079aa9f4d312058ce4018ef0019e3de12",
+        commit="4df29be4f4c3673f428170fda944a5b19f743bb8",
+    ),
     "0.3.36": SdistPin(
         version="0.3.36",
         sha256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
