@@ -65,7 +65,7 @@ import click
 import psutil
 
 from ci import gpu_check_models as gcm
-from velollm_patch import builds, hardware, models, proc, serve, source, tune
+from velollm_patch import builds, demo_models, hardware, proc, serve, source, tune
 from velollm_patch.bench.metrics import MemorySampler, RatioStats, geometric_means
 from velollm_patch.bench.report import geomean_rows, ratio_rows
 from velollm_patch.bench.runner import BenchConfig, run_ab
@@ -485,7 +485,7 @@ def prepare(to: Path, *, limit_bytes: int = TRAVEL_LIMIT_BYTES, margin_bytes: in
     wheels = download_wheels(DEVICE_MISSING_PACKAGES, to / "wheels")
     tree = travelling_tree_bytes(repo_root(), to)
     room = limit_bytes - margin_bytes - tree - tarball.stat().st_size - sum(w.stat().st_size for w in wheels)
-    original = models.fetch_model(paths, REAL_MODEL)
+    original = demo_models.fetch_model(paths, REAL_MODEL)
     layers = real_layers or gcm.q4_0_layers_that_fit(original, room)
     if layers < 1:
         raise VelollmError(f"no room for a real model: {room / MiB:.1f} MiB left under the limit")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_ollama_install import FakeOllamaInstall, StoredModel, add_model, make_fake_install
-from velollm_patch import hardware, models, proc, serve
+from velollm_patch import demo_models, hardware, proc, serve
 from velollm_patch.build import BuildOptions, plan_build, run_build
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.paths import Paths, get_paths
@@ -53,12 +53,12 @@ def live_hardware(paths: Paths) -> hardware.HardwareInfo:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf(paths: Paths) -> Path:
-    return models.fetch_model(paths, "smollm2-135m")
+    return demo_models.fetch_model(paths, "smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def gemma3_gguf(paths: Paths) -> Path:
-    return models.fetch_model(paths, "gemma3-270m")
+    return demo_models.fetch_model(paths, "gemma3-270m")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""GGUF inspection, KV sizing, model resolution and draft compatibility (velollm_patch.model)."""
+"""GGUF inspection and KV sizing (velollm_patch.model), draft compatibility and search (velollm_patch.drafts), and
+resolving model references (velollm_patch.model_ref, velollm_patch.ollama.store)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,11 @@ import gguf
 import pytest
 
 from tests.helpers import default_tokens, write_gguf
+from velollm_patch.drafts import draft_compatibility, find_draft_candidates
 from velollm_patch.errors import VelollmError
-from velollm_patch.model import (
-    ModelInfo,
-    draft_compatibility,
-    find_draft_candidates,
-    inspect_model,
-    list_ollama_models,
-    resolve_model,
-)
+from velollm_patch.model import ModelInfo, inspect_model
+from velollm_patch.model_ref import resolve_local_model
+from velollm_patch.ollama.store import list_ollama_models
 from velollm_patch.tune import describe_model
 
 
@@ -646,11 +643,11 @@ def test_draft_search_covers_ollama_and_hf_cache(tmp_path: Path, monkeypatch: py
 
 
 def test_resolve_paths(tiny: Path, tmp_path: Path) -> None:
-    assert resolve_model(str(tiny)) == tiny.resolve()
+    assert resolve_local_model(str(tiny)) == tiny.resolve()
     with pytest.raises(VelollmError, match="model file .*missing.gguf not found"):
-        resolve_model(str(tmp_path / "missing.gguf"))
+        resolve_local_model(str(tmp_path / "missing.gguf"))
     with pytest.raises(VelollmError, match="is not a file"):
-        resolve_model(str(tmp_path))
+        resolve_local_model(str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -671,15 +668,15 @@ def test_resolve_ollama_names(
     store = tmp_path / "store"
     blob = _ollama_store(store, parts, tiny)
     monkeypatch.setenv("OLLAMA_MODELS", str(store))
-    assert resolve_model(ref) == blob
-    assert inspect_model(resolve_model(ref)).n_params == inspect_model(tiny).n_params
+    assert resolve_local_model(ref) == blob
+    assert inspect_model(resolve_local_model(ref)).n_params == inspect_model(tiny).n_params
 
 
 def test_resolve_ollama_default_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: Path) -> None:
     monkeypatch.delenv("OLLAMA_MODELS")
     monkeypatch.setenv("HOME", str(tmp_path))
     blob = _ollama_store(tmp_path / ".ollama" / "models", ("registry.ollama.ai", "library", "m", "latest"), tiny)
-    assert resolve_model("m") == blob
+    assert resolve_local_model("m") == blob
     assert list_ollama_models() == [("m:latest", blob)]
 
 
@@ -687,23 +684,23 @@ def test_resolve_ollama_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     store = tmp_path / "store"
     monkeypatch.setenv("OLLAMA_MODELS", str(store))
     with pytest.raises(VelollmError) as err:
-        resolve_model("x:y")
+        resolve_local_model("x:y")
     assert str(err.value) == (
         f"model 'x:y' not found in the Ollama store at {store}; run `ollama pull x:y` or pass a GGUF path"
     )
     # Names Ollama never stores (types/model/name.go): a space, a "." in a namespace, a tag over 80 characters.
     for bad in ("bad name!", "my.ns/x", "x:" + "t" * 81):
         with pytest.raises(VelollmError, match="neither a GGUF file nor a valid Ollama model name"):
-            resolve_model(bad)
+            resolve_local_model(bad)
     blob = _ollama_store(store, ("registry.ollama.ai", "library", "gone", "latest"), tiny)
     blob.unlink()
     with pytest.raises(VelollmError, match=r"lacks the weights of 'gone:latest'.*run `ollama pull gone:latest`"):
-        resolve_model("gone")
+        resolve_local_model("gone")
     manifest = store / "manifests" / "registry.ollama.ai" / "library" / "junk" / "latest"
     manifest.parent.mkdir(parents=True)
     manifest.write_text("{not json")
     with pytest.raises(VelollmError, match=r"manifest .*junk/latest is not JSON .*run `ollama pull junk:latest`"):
-        resolve_model("junk")
+        resolve_local_model("junk")
     assert list_ollama_models() == []
 
 

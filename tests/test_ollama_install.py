@@ -45,7 +45,8 @@ from tests.helpers import write_gguf
 from velollm_patch import hardware, serve
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.cli import main
-from velollm_patch.model import inspect_model, list_ollama_models, resolve_model
+from velollm_patch.model import inspect_model
+from velollm_patch.model_ref import resolve_local_model
 from velollm_patch.ollama.api import OllamaClient
 from velollm_patch.ollama.config import (
     MANAGED,
@@ -58,6 +59,7 @@ from velollm_patch.ollama.config import (
 )
 from velollm_patch.ollama.launch import start_like_ollama
 from velollm_patch.ollama.server_swap import bundled_server_path, default_prefix
+from velollm_patch.ollama.store import list_ollama_models
 from velollm_patch.paths import Paths
 from velollm_patch.server_flags import llama_arg_problem, read_server_flags
 
@@ -121,7 +123,7 @@ def test_store_is_written_as_ollama_writes_it(tiny_store: StoredModel, tmp_path:
         b'{"model_format":"gguf","model_family":"llama","model_families":["llama"],'
         + f'"model_type":"{human_number(inspect_model(tiny_store.weights).n_params)}",'.encode()
         + b'"file_type":"F16","architecture":"amd64","os":"linux"}\n')
-    assert resolve_model("tiny:1m") == tiny_store.weights
+    assert resolve_local_model("tiny:1m") == tiny_store.weights
     assert list_ollama_models() == [("tiny:1m", tiny_store.weights)]
 
 

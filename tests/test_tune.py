@@ -24,9 +24,10 @@ from velollm_patch.bench.scenarios import PROMPTS_DIR
 from velollm_patch.build import TUNABLE_KV_PAIRS
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.cli import main
+from velollm_patch.drafts import find_draft_candidates
 from velollm_patch.errors import VelollmError
 from velollm_patch.hardware import HardwareInfo, VulkanDevice
-from velollm_patch.model import ModelInfo, find_draft_candidates, inspect_model
+from velollm_patch.model import ModelInfo, inspect_model
 from velollm_patch.paths import Paths
 from velollm_patch.serve import Device
 from velollm_patch.server_flags import ServerFlags, parse_help, read_server_flags

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from velollm_patch import __version__, builds, cuda, models, patches, proc, serve, source
+from velollm_patch import __version__, builds, cuda, demo_models, patches, proc, serve, source
 from velollm_patch.errors import VelollmError
 from velollm_patch.files import sha256_file
 from velollm_patch.hardware import HardwareInfo, Toolchain
@@ -571,4 +571,4 @@ def smoke_test(
 
 
 def _default_model(paths: Paths) -> Path:
-    return models.fetch_model(paths)
+    return demo_models.fetch_model(paths)

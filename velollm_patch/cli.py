@@ -15,10 +15,11 @@ from typing import Any, ParamSpec, TypeVar
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from velollm_patch import __version__, builds, hardware, models, patches, rebase, serve, source, terminal, tune
+from velollm_patch import __version__, builds, demo_models, hardware, patches, rebase, serve, source, terminal, tune
 from velollm_patch.build import GPU_CHOICES, TARGETS, BuildOptions, ProgressCallback, plan_build, run_build
 from velollm_patch.errors import VelollmError, plain
 from velollm_patch.model import inspect_model
+from velollm_patch.model_ref import resolve_model
 from velollm_patch.paths import get_paths
 
 console = terminal.stderr
@@ -348,16 +349,16 @@ def models_group() -> None:
 
 
 @models_group.command("fetch")
-@click.argument("name", default=models.DEFAULT_MODEL)
+@click.argument("name", default=demo_models.DEFAULT_MODEL)
 def models_fetch(name: str) -> None:
-    click.echo(models.fetch_model(get_paths(), name))
+    click.echo(demo_models.fetch_model(get_paths(), name))
 
 
 @models_group.command("list")
 def models_list() -> None:
     paths = get_paths()
-    for known in models.KNOWN_MODELS.values():
-        path = models.model_path(paths, known.name)
+    for known in demo_models.KNOWN_MODELS.values():
+        path = demo_models.model_path(paths, known.name)
         state = str(path) if path.is_file() else "not fetched"
         click.echo(f"{known.name}\t{known.description}\t{state}")
 
@@ -377,8 +378,7 @@ def up(model: str | None, port: int, gpu: str) -> None:
         for line in plan.describe():
             console.print(line)
         current = _run_with_progress(lambda progress: run_build(plan, hw, paths, on_progress=progress))
-    model_path = models.resolve(paths, model)
-    tuned = tune.plan(inspect_model(model_path), hw, tune.BuildFacts.from_build(current, paths), tune.TuneRequest())
+    tuned = tune.plan_for(model, hw, current, paths, tune.TuneRequest())
     _serve_plan(tuned, current, port, paths.logs / "up-server.log")
 
 
@@ -440,7 +440,7 @@ def _plan_options(func: Callable[P, R]) -> Callable[P, R]:
 @click.option("--json", "as_json", is_flag=True)
 def inspect_cmd(model: str, ctx: int | None, slots: int, as_json: bool) -> None:
     """Read MODEL's GGUF header (a path, a known model name or an Ollama model name): shape, vocabulary, KV sizes."""
-    info = inspect_model(models.resolve(get_paths(), model))
+    info = inspect_model(resolve_model(get_paths(), model))
     if as_json:
         _emit_json(tune.model_report(info, ctx, slots))
         return

@@ -17,7 +17,7 @@ import click
 from rich import progress as rich_progress
 from rich.table import Table
 
-from velollm_patch import hardware, models, terminal, tune
+from velollm_patch import hardware, terminal, tune
 from velollm_patch.bench import history
 from velollm_patch.bench.metrics import RequestSample, ScenarioResult
 from velollm_patch.bench.report import (
@@ -44,6 +44,7 @@ from velollm_patch.bench.scenarios import Scenario, parse_names
 from velollm_patch.bench.targets import TargetSpec, open_target, parse_target
 from velollm_patch.builds import find_build
 from velollm_patch.errors import VelollmError
+from velollm_patch.model_ref import resolve_model
 from velollm_patch.paths import get_paths
 
 console = terminal.stderr
@@ -141,7 +142,7 @@ def _spec(text: str, model: str | None, args: str | None, tuned: tuple[str, str]
     if tuned and build is None:
         raise VelollmError(f"--tuned needs an installed build as the target (vanilla, current, a build id), not {text}")
     if parsed.starts_server:
-        model = str(models.resolve(get_paths(), model))
+        model = str(resolve_model(get_paths(), model))
     tuned_label = tuned and ("tuned:" + tuned[0] + ("" if tuned[1] == "balanced" else f":{tuned[1]}"))
     label = " ".join(part for part in (text, tuned_label, shlex.join(server_args)) if part)
     if tuned and build is not None and model is not None:

@@ -14,9 +14,10 @@ from pathlib import Path
 import click
 import psutil
 
-from velollm_patch import hardware, models, tune
+from velollm_patch import hardware, tune
 from velollm_patch.builds import current_build
 from velollm_patch.errors import VelollmError
+from velollm_patch.model_ref import is_demo_model
 from velollm_patch.ollama.api import OllamaClient
 from velollm_patch.ollama.config import (
     GIB,
@@ -118,7 +119,7 @@ def modelfile_cmd(
         if dropped:
             comments = (*comments, dropped)
         spec = spec.with_parameters(parameters, reasons)
-        if model in models.KNOWN_MODELS and not Path(model).exists():
+        if is_demo_model(model):
             # Ollama does not know our demo-model names: derive from the file the plan was made for.
             spec = replace(spec, from_model=str(plan.model.path))
         comments = (*comments, f"tuned by velollm-patch for this machine: {profile} profile, {workload} workload")

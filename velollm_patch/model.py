@@ -1,4 +1,4 @@
-"""What the tuner needs to know about a model file: KV-cache sizing, and which drafts can pair with it.
+"""What a GGUF file says about a model as llama.cpp reads it: shape, vocabulary, and KV-cache sizing.
 
 GGUF headers are parsed here with the ``gguf`` package's constants rather than with
 ``gguf.GGUFReader``. The reader turns every array element into a numpy object up front (3.4 s for
@@ -10,23 +10,20 @@ when a draft compatibility check needs them.
 
 The rules mirror the pinned llama.cpp tree (docs/llama-cpp.md, KV sizing and Speculative decoding): KV sizing
 follows ``llama_context`` / ``llama_kv_cache_iswa``, the SWA layer pattern follows
-``load_swa_pattern``, vocabulary defaults follow ``llama_vocab::impl::load`` and the draft check
-is ``common_speculative_are_compatible``.
+``load_swa_pattern`` and vocabulary defaults follow ``llama_vocab::impl::load``, which the draft check
+(:mod:`velollm_patch.drafts`) compares.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import logging
 import math
 import mmap
-import os
 import re
 import stat
 import struct
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +31,7 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from velollm_patch.errors import VelollmError, plain
-from velollm_patch.files import read_limited
-
-log = logging.getLogger("velollm_patch.model")
+from velollm_patch.kv_types import KV_CACHE_TYPES, head_size_mismatch, is_quantized, kv_block
 
 # Limits llama.cpp itself enforces (ggml/src/gguf.cpp, src/llama-hparams.h); a file beyond them
 # would not load there either, so they are safe bounds against crafted counts.
@@ -71,19 +66,8 @@ _SCALAR_FORMATS: dict[int, str] = {
     GGUFValueType.FLOAT64: "d",
 }
 
-# The KV cache types llama.cpp accepts for -ctk/-ctv (common/arg.cpp kv_cache_types).
-KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 # Cells are allocated in multiples of this (GGML_PAD(n_ctx, 256) in llama_context).
 KV_CELL_PAD = 256
-
-# common/speculative.cpp
-SPEC_VOCAB_MAX_SIZE_DIFFERENCE = 128
-SPEC_VOCAB_CHECK_START_TOKEN_ID = 5
-
-_OLLAMA_HOST = "registry.ollama.ai"
-_OLLAMA_NAMESPACE = "library"
-_OLLAMA_TAG = "latest"
-_OLLAMA_MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
 
 
 @dataclass(frozen=True)
@@ -648,15 +632,6 @@ def _build_vocab(meta: _Meta, arch: str, header: _Header, path: Path) -> VocabIn
 # --------------------------------------------------------------------------------------------
 
 
-def _kv_type(name: str) -> tuple[int, int]:
-    """(values per block, bytes per block) of a KV cache type."""
-    key = name.lower()
-    if key not in KV_CACHE_TYPES:
-        raise VelollmError(f"unknown KV cache type '{name}'; choose one of {', '.join(KV_CACHE_TYPES)}")
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[key.upper()]]
-    return int(block), int(size)
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """What a GGUF header says about a model, with the KV-cache arithmetic llama.cpp applies."""
@@ -729,20 +704,19 @@ class ModelInfo:
     def head_dims_allow_quantized_kv(self) -> bool:
         """Whether every layer's K and V head size is a whole number of 32-value blocks, which all
         quantized KV cache types need (llama_init_from_model refuses them otherwise)."""
-        return not self._kv_problem(32, 32)
+        return all(not self._kv_problem(t, t) for t in KV_CACHE_TYPES if is_quantized(t))
 
-    def _kv_problem(self, block_k: int, block_v: int) -> str | None:
+    def _kv_problem(self, type_k: str, type_v: str) -> str | None:
         for il in range(self.n_layers):
-            dk, dv = self._head_dims(il)
-            if dk % block_k:
-                return f"K head size {dk} of layer {il} is not a multiple of the {block_k}-value block"
-            if dv % block_v:
-                return f"V head size {dv} of layer {il} is not a multiple of the {block_v}-value block"
+            mismatch = head_size_mismatch(*self._head_dims(il), type_k, type_v)
+            if mismatch:
+                which, size, block = mismatch
+                return f"{which} head size {size} of layer {il} is not a multiple of the {block}-value block"
         return None
 
     def _kv_types(self, type_k: str, type_v: str) -> tuple[tuple[int, int], tuple[int, int]]:
-        k, v = _kv_type(type_k), _kv_type(type_v)
-        problem = self._kv_problem(k[0], v[0])
+        k, v = kv_block(type_k), kv_block(type_v)
+        problem = self._kv_problem(type_k, type_v)
         if problem:
             raise VelollmError(f"{self.name} cannot use a {type_k}/{type_v} KV cache: {problem}")
         return k, v
@@ -1016,322 +990,3 @@ def read_gguf_layout(path: Path) -> GGUFLayout:
     """Read ``path``'s GGUF header (checked as :func:`inspect_model` checks it) without interpreting it."""
     header = _read_header(Path(path))
     return GGUFLayout(Path(path), header.fields, {t.name: t.dims for t in header.tensors}, header)
-
-
-# --------------------------------------------------------------------------------------------
-# Finding models: paths and the Ollama store
-# --------------------------------------------------------------------------------------------
-
-# Ollama's isValidPart (types/model/name.go, tag v0.33.0-rc2): a part starts with a letter, digit or "_" and
-# goes on with those and "-", "." (not in a namespace) and ":" (only in a host); hosts have up to 350
-# characters, the other parts 80. A name outside these rules is one Ollama never stores.
-_OLLAMA_HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}")
-_OLLAMA_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}")
-_OLLAMA_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}")  # a model or a tag
-# manifest.BlobsPath (manifest/paths.go) takes either case and names the blob sha256-<hex> as written.
-_DIGEST_RE = re.compile(r"sha256:([0-9a-fA-F]{64})")
-# A manifest lists a few layers in a few hundred bytes; the bound keeps a wrong file from being read whole.
-_MAX_MANIFEST_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class _OllamaName:
-    host: str
-    namespace: str
-    model: str
-    tag: str
-
-    def __str__(self) -> str:
-        short = f"{self.model}:{self.tag}"
-        if self.host != _OLLAMA_HOST:
-            return f"{self.host}/{self.namespace}/{short}"
-        return short if self.namespace == _OLLAMA_NAMESPACE else f"{self.namespace}/{short}"
-
-
-def _parse_ollama_name(ref: str) -> _OllamaName | None:
-    """Ollama's ``[host/][namespace/]model[:tag]``; None when ``ref`` is not such a name."""
-    rest, tag = ref, _OLLAMA_TAG
-    if ":" in ref.rsplit("/", 1)[-1]:
-        rest, tag = ref.rsplit(":", 1)
-    parts = rest.split("/")
-    if len(parts) == 1:
-        host, namespace, model = _OLLAMA_HOST, _OLLAMA_NAMESPACE, parts[0]
-    elif len(parts) == 2:
-        host, (namespace, model) = _OLLAMA_HOST, parts
-    elif len(parts) == 3:
-        host, namespace, model = parts
-    else:
-        return None
-    ok = (
-        _OLLAMA_HOST_RE.fullmatch(host)
-        and _OLLAMA_NAMESPACE_RE.fullmatch(namespace)
-        and _OLLAMA_PART.fullmatch(model)
-        and _OLLAMA_PART.fullmatch(tag)
-    )
-    return _OllamaName(host, namespace, model, tag) if ok else None
-
-
-def ollama_stores() -> list[Path]:
-    """Where Ollama keeps models: ``$OLLAMA_MODELS``, else the per-user store and the store of the
-    Linux system service (which runs as the ``ollama`` user)."""
-    env = os.environ.get("OLLAMA_MODELS")
-    if env:
-        return [Path(env).expanduser()]
-    return [Path.home() / ".ollama" / "models", Path("/usr/share/ollama/.ollama/models")]
-
-
-def _ollama_blob(store: Path, manifest: Path, name: str) -> Path:
-    """The model blob a manifest points to (manifest.Manifest in manifest/manifest.go: a Docker v2 manifest
-    whose layer of media type application/vnd.ollama.image.model holds the GGUF)."""
-    again = f"run `ollama pull {name}` to fetch it again"
-    try:
-        doc = json.loads(read_limited(manifest, _MAX_MANIFEST_BYTES, "Ollama manifest").decode("utf-8"))
-    except VelollmError as e:
-        raise VelollmError(f"{e}; {again}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VelollmError(f"the Ollama manifest {manifest} is not JSON ({e}); {again}") from None
-    layers = doc.get("layers") if isinstance(doc, dict) else None
-    for layer in layers if isinstance(layers, list) else []:
-        if isinstance(layer, dict) and layer.get("mediaType") == _OLLAMA_MODEL_MEDIA_TYPE:
-            match = _DIGEST_RE.fullmatch(str(layer.get("digest", "")))
-            if match is None:
-                raise VelollmError(f"the Ollama manifest {manifest} has a malformed model digest; {again}")
-            blob = store / "blobs" / f"sha256-{match.group(1)}"
-            if not blob.is_file():
-                raise VelollmError(
-                    f"the Ollama store at {store} lacks the weights of '{name}' ({blob.name}); run `ollama pull {name}`"
-                )
-            return blob
-    if not isinstance(layers, list):
-        raise VelollmError(f"the Ollama manifest {manifest} lists no layers; {again}")
-    raise VelollmError(f"'{name}' has no GGUF weights (its manifest {manifest} has no model layer); pass a GGUF file")
-
-
-def _looks_like_path(ref: str) -> bool:
-    return ref.lower().endswith(".gguf") or ref.startswith(("/", ".", "~")) or "\\" in ref or ref.count("/") > 2
-
-
-def resolve_model(ref: str) -> Path:
-    """A GGUF path, or the weights blob of an Ollama model name (``llama3.2``, ``qwen2.5:0.5b``,
-    ``library/x:tag``, ``registry/ns/x:tag``). An existing file always wins over a model name."""
-    path = Path(ref).expanduser()
-    if path.is_file():
-        return path.resolve()
-    if path.exists():
-        raise VelollmError(f"{ref} is not a file; pass a GGUF file or an Ollama model name")
-    if _looks_like_path(ref):
-        raise VelollmError(f"model file {ref} not found")
-    name = _parse_ollama_name(ref)
-    if name is None:
-        raise VelollmError(f"'{ref}' is neither a GGUF file nor a valid Ollama model name")
-    stores = ollama_stores()
-    for store in stores:
-        manifest = store / "manifests" / name.host / name.namespace / name.model / name.tag
-        if manifest.is_file():
-            return _ollama_blob(store, manifest, str(name))
-    where = " or ".join(str(s) for s in stores)
-    raise VelollmError(
-        f"model '{name}' not found in the Ollama store at {where}; run `ollama pull {name}` or pass a GGUF path"
-    )
-
-
-def list_ollama_models() -> list[tuple[str, Path]]:
-    """(name, weights blob) of every model in the Ollama stores; broken entries are skipped."""
-    found: list[tuple[str, Path]] = []
-    for store in ollama_stores():
-        manifests = store / "manifests"
-        if not manifests.is_dir():
-            continue
-        for manifest in sorted(manifests.glob("*/*/*/*")):
-            if not manifest.is_file():
-                continue
-            name = _OllamaName(*manifest.relative_to(manifests).parts)
-            try:
-                found.append((str(name), _ollama_blob(store, manifest, str(name))))
-            except VelollmError as e:
-                log.debug("skipping Ollama model %s: %s", name, e)
-    return found
-
-
-def _hf_hub_cache() -> Path:
-    # The same precedence huggingface_hub uses.
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache).expanduser() / "huggingface" / "hub"
-
-
-def _gguf_files(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if name.lower().endswith(".gguf"):
-                yield Path(dirpath) / name
-
-
-def _hf_label(path: Path, hub: Path) -> str:
-    # hub/models--org--name/snapshots/<revision>/<file>
-    parts = path.relative_to(hub).parts
-    if len(parts) >= 4 and parts[0].startswith("models--") and parts[1] == "snapshots":
-        repo = parts[0].removeprefix("models--").replace("--", "/")
-        return f"hf:{repo}/{'/'.join(parts[3:])}"
-    return str(path)
-
-
-def _draft_sources(search_dirs: Sequence[Path]) -> Iterator[tuple[Path, str]]:
-    """(file, label) of every GGUF a draft could come from; missing directories are skipped."""
-    for root in search_dirs:
-        for path in _gguf_files(Path(root).expanduser()):
-            yield path, str(path)
-    for name, blob in list_ollama_models():
-        yield blob, name
-    hub = _hf_hub_cache()
-    for path in _gguf_files(hub):
-        yield path, _hf_label(path, hub)
-
-
-# --------------------------------------------------------------------------------------------
-# Draft models
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Compat:
-    ok: bool
-    reason: str
-    """One line: why the pair can or cannot be used for speculative decoding."""
-
-
-def _as_info(model: ModelInfo | Path) -> ModelInfo:
-    return model if isinstance(model, ModelInfo) else inspect_model(Path(model))
-
-
-def _show(token: bytes) -> str:
-    return repr(token.decode("utf-8", errors="replace"))
-
-
-def draft_compatibility(target: ModelInfo | Path, draft: ModelInfo | Path) -> Compat:
-    """llama.cpp's ``common_speculative_are_compatible``: the check that makes
-    ``--spec-type draft-simple`` refuse a draft model."""
-    t, d = _as_info(target), _as_info(draft)
-    tv, dv = t.vocab, d.vocab
-    if tv is None or dv is None:
-        which = "target" if tv is None else "draft"
-        return Compat(False, f"the {which} model has no tokenizer")
-    for v, which in ((tv, "target"), (dv, "draft")):
-        if v.type == "unknown":
-            return Compat(False, f"llama.cpp does not know the {which} tokenizer {plain(repr(v.model))}")
-    if tv.type != dv.type:
-        return Compat(
-            False,
-            f"vocab types differ: target {tv.type} ({plain(tv.model)}), draft {dv.type} ({plain(dv.model)})",
-        )
-    if tv.add_bos != dv.add_bos or (tv.add_bos and tv.bos_id != dv.bos_id):
-        return Compat(
-            False,
-            f"BOS handling differs: target add_bos={tv.add_bos} bos={tv.bos_id}, "
-            f"draft add_bos={dv.add_bos} bos={dv.bos_id}",
-        )
-    if tv.add_eos != dv.add_eos or (tv.add_eos and tv.eos_id != dv.eos_id):
-        return Compat(
-            False,
-            f"EOS handling differs: target add_eos={tv.add_eos} eos={tv.eos_id}, "
-            f"draft add_eos={dv.add_eos} eos={dv.eos_id}",
-        )
-    diff = abs(tv.n_tokens - dv.n_tokens)
-    if diff > SPEC_VOCAB_MAX_SIZE_DIFFERENCE:
-        return Compat(
-            False,
-            f"vocab sizes differ by {diff} (target {tv.n_tokens}, draft {dv.n_tokens}; "
-            f"llama.cpp allows {SPEC_VOCAB_MAX_SIZE_DIFFERENCE})",
-        )
-    # A NONE vocabulary has only empty placeholder tokens, which always compare equal.
-    if tv.type != "NONE":
-        a, b = tv.token_texts(), dv.token_texts()
-        n, start = min(len(a), len(b)), SPEC_VOCAB_CHECK_START_TOKEN_ID
-        if a[start:n] != b[start:n]:
-            i = next(i for i in range(start, n) if a[i] != b[i])
-            return Compat(False, f"token {i} differs: target {_show(a[i])}, draft {_show(b[i])}")
-    sizes = f"{tv.n_tokens} tokens" if diff == 0 else f"{tv.n_tokens} and {dv.n_tokens} tokens"
-    return Compat(True, f"same {tv.type} vocabulary ({sizes}) and special tokens")
-
-
-@dataclass(frozen=True)
-class DraftCandidate:
-    path: Path
-    label: str
-    """An Ollama name, ``hf:org/repo/file``, or the path."""
-    info: ModelInfo
-    params_ratio: float
-    bytes_ratio: float
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "label": self.label,
-            "name": self.info.name,
-            "n_params": self.info.n_params,
-            "file_size": self.info.file_size,
-            "file_type": self.info.file_type,
-            "params_ratio": self.params_ratio,
-            "bytes_ratio": self.bytes_ratio,
-            "reason": self.reason,
-        }
-
-
-# A draft pays off only when it is much cheaper to run than the target.
-MAX_DRAFT_RATIO = 0.5
-
-
-def _judge_draft(target: ModelInfo, draft: ModelInfo, label: str) -> DraftCandidate | None:
-    if draft.split_count > 1 or draft.n_params == 0 or target.n_params == 0:
-        return None
-    params_ratio = draft.n_params / target.n_params
-    bytes_ratio = draft.file_size / target.file_size
-    if params_ratio <= MAX_DRAFT_RATIO:
-        size = f"{params_ratio:.2f}x the parameters, {bytes_ratio:.2f}x the bytes"
-    elif params_ratio <= 1.0 and bytes_ratio <= MAX_DRAFT_RATIO:
-        # The same weights quantized harder still draft well and cost a fraction of the bandwidth.
-        quant = draft.file_type or draft.tensor_type
-        size = f"{params_ratio:.2f}x the parameters at {quant}, {bytes_ratio:.2f}x the bytes"
-    else:
-        return None
-    compat = draft_compatibility(target, draft)
-    if not compat.ok:
-        log.debug("draft %s rejected: %s", label, compat.reason)
-        return None
-    return DraftCandidate(draft.path, label, draft, params_ratio, bytes_ratio, f"{size}; {compat.reason}")
-
-
-def _file_key(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def find_draft_candidates(target: ModelInfo | Path, search_dirs: Sequence[Path] = ()) -> list[DraftCandidate]:
-    """Compatible, clearly smaller draft models for ``target`` among the GGUFs under
-    ``search_dirs``, the Ollama store and the Hugging Face cache; cheapest (smallest file) first,
-    since a draft's cost per token follows the bytes it reads."""
-    t = _as_info(target)
-    seen = {_file_key(t.path)}
-    found: list[DraftCandidate] = []
-    for path, label in _draft_sources(search_dirs):
-        key = _file_key(path)
-        if key is None or key in seen:
-            continue
-        seen.add(key)
-        try:
-            candidate = _judge_draft(t, inspect_model(path), label)
-        except VelollmError as e:
-            log.debug("skipping %s: %s", path, e)
-            continue
-        if candidate is not None:
-            found.append(candidate)
-    found.sort(key=lambda c: (c.bytes_ratio, c.params_ratio, str(c.path)))
-    return found

@@ -28,18 +28,14 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from velollm_patch import models, proc, serve
+from velollm_patch import proc, serve
 from velollm_patch.builds import InstalledBuild
+from velollm_patch.drafts import DraftCandidate, draft_compatibility, find_draft_candidates
 from velollm_patch.errors import VelollmError
 from velollm_patch.hardware import GPUInfo, HardwareInfo
-from velollm_patch.model import (
-    KV_CACHE_TYPES,
-    DraftCandidate,
-    ModelInfo,
-    draft_compatibility,
-    find_draft_candidates,
-    inspect_model,
-)
+from velollm_patch.kv_types import KV_CACHE_TYPES, is_quantized
+from velollm_patch.model import ModelInfo, inspect_model
+from velollm_patch.model_ref import resolve_model
 from velollm_patch.paths import Paths
 from velollm_patch.server_flags import ServerFlags, read_server_flags
 from velollm_patch.units import GiB, MiB
@@ -355,10 +351,6 @@ def _mib(n: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_quantized(kv_type: str) -> bool:
-    return kv_type not in ("f32", "f16", "bf16")
-
-
 def kv_pair_problem(
     model: ModelInfo, backend: str, type_k: str, type_v: str, *, flash_attn: bool,
     fa_kv_pairs: Sequence[str] | None,
@@ -373,9 +365,9 @@ def kv_pair_problem(
     for t in (type_k, type_v):
         if t not in KV_CACHE_TYPES:
             return f"{t} is not a KV cache type llama.cpp knows"
-    if _is_quantized(type_v) and not flash_attn:
+    if is_quantized(type_v) and not flash_attn:
         return f"a {type_v} V cache needs flash attention, which is off"
-    if (_is_quantized(type_k) or _is_quantized(type_v)) and not model.head_dims_allow_quantized_kv():
+    if (is_quantized(type_k) or is_quantized(type_v)) and not model.head_dims_allow_quantized_kv():
         return "the model's head sizes are not multiples of the 32-value quantization block"
     if backend in ("cuda", "rocm"):
         if "iq4_nl" in (type_k, type_v):
@@ -1291,10 +1283,11 @@ def describe_model(info: ModelInfo, ctx: int | None, slots: int) -> list[str]:
 
 
 def plan_for(
-    model_ref: str, hw: HardwareInfo, build: InstalledBuild, paths: Paths, request: TuneRequest
+    model_ref: str | None, hw: HardwareInfo, build: InstalledBuild, paths: Paths, request: TuneRequest
 ) -> Plan:
-    """The CLI's entry: resolve the model (see :func:`models.resolve`), read the build's facts, plan."""
-    info = inspect_model(models.resolve(paths, model_ref))
+    """The CLI's entry: resolve the model (see :func:`~velollm_patch.model_ref.resolve_model`), read the build's
+    facts, plan."""
+    info = inspect_model(resolve_model(paths, model_ref))
     return plan(info, hw, BuildFacts.from_build(build, paths), request)
 
 

@@ -4,5 +4,6 @@
 - :mod:`.api` is a typed client for the HTTP API (version, ps, show, generate metrics).
 - :mod:`.config` recommends and writes ``OLLAMA_*``/``LLAMA_ARG_*`` server settings.
 - :mod:`.server_swap` installs our patched llama-server in place of Ollama's and restores it.
+- :mod:`.store` finds models in the local Ollama store.
 - :mod:`.versions` knows which release supports what.
 """

@@ -34,12 +34,11 @@ from typing import Any, NamedTuple
 from xml.parsers.expat import ExpatError
 from xml.sax.saxutils import escape
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
 from velollm_patch.errors import VelollmError
 from velollm_patch.files import read_limited
 from velollm_patch.hardware import HardwareInfo
-from velollm_patch.model import KV_CACHE_TYPES, resolve_model
+from velollm_patch.kv_types import KV_CACHE_TYPES, head_size_mismatch, kv_block
+from velollm_patch.model_ref import resolve_local_model
 from velollm_patch.ollama.api import (
     DEFAULT_PORT,
     OllamaClient,
@@ -72,13 +71,6 @@ MANAGED = (
     "OLLAMA_HOST", "OLLAMA_FLASH_ATTENTION", "OLLAMA_KV_CACHE_TYPE", "OLLAMA_NUM_PARALLEL",
     "OLLAMA_CONTEXT_LENGTH", "OLLAMA_MAX_LOADED_MODELS", "OLLAMA_KEEP_ALIVE",
 )
-
-
-
-def kv_block(kv_type: str) -> tuple[int, float]:
-    """(values per block, bytes per value) of a KV cache type llama-server accepts."""
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kv_type.upper()]]
-    return int(block), size / block
 
 # Era B validated the type against this list and silently used f16 for anything else.
 ERA_B_KV_TYPES = ("f16", "q8_0", "q4_0")
@@ -141,8 +133,8 @@ class LoadedModel:
         dims = self.head_dims
         if dims is None or not self.head_count_kv:
             return None
-        per_value = kv_block(kv_type)[1]
-        return sum(self.head_count_kv) * (dims[0] + dims[1]) * per_value
+        block, size = kv_block(kv_type)
+        return sum(self.head_count_kv) * (dims[0] + dims[1]) * (size / block)
 
     def estimated_weights(self) -> int:
         """The weights' size: the GGUF file's when known, else ``/api/ps`` ``size`` less one
@@ -507,7 +499,7 @@ def _local_weights(name: str) -> int | None:
     """The size of the model's GGUF blob in a local Ollama store, or None where it is not
     readable here (a remote server, another user's store)."""
     try:
-        return resolve_model(name).stat().st_size
+        return resolve_local_model(name).stat().st_size
     except (VelollmError, OSError):
         return None
 
@@ -601,13 +593,15 @@ def kv_type_problem(kv_type: str, version: OllamaVersion | None,
         return f"Ollama {version} accepts only {', '.join(ERA_B_KV_TYPES)} and silently uses f16 for {kv}"
     if kv not in KV_CACHE_TYPES:
         return f"llama-server does not know {kv}; the model fails to load (ollama #16554)"
-    block = kv_block(kv)[0]
     for model in models:
         if model.architecture in NO_KV_QUANT_ARCHS:
             return f"{model.name} ({model.architecture}) must keep an f16 KV cache (ollama #11685)"
         dims = model.head_dims
-        if dims is not None and (dims[0] % block or dims[1] % block):
-            return (f"{model.name} has K/V head dims {dims[0]}/{dims[1]}, which {kv}'s block of {block}"
+        if dims is None:
+            continue
+        mismatch = head_size_mismatch(*dims, kv, kv)
+        if mismatch is not None:
+            return (f"{model.name} has K/V head dims {dims[0]}/{dims[1]}, which {kv}'s block of {mismatch[2]}"
                     " does not divide; llama-server exits when loading it (ollama #16245)")
     return None
 
@@ -706,7 +700,7 @@ class _Planner:
         self.add(name, RECOMMENDED_KV_TYPE,
                  f"halves KV memory ({largest.name}: {f16 / 1024:.0f} -> {q8 / 1024:.0f} KiB per token)"
                  f" at near-f16 quality; every loaded model's head dims ({', '.join(dims)}) divide"
-                 f" {RECOMMENDED_KV_TYPE}'s block of 32")
+                 f" {RECOMMENDED_KV_TYPE}'s block of {kv_block(RECOMMENDED_KV_TYPE)[0]}")
         return RECOMMENDED_KV_TYPE
 
     def kept_kv(self) -> str:

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
+from velollm_patch.drafts import draft_compatibility
 from velollm_patch.errors import VelollmError
-from velollm_patch.model import draft_compatibility, inspect_model, resolve_model
+from velollm_patch.model import inspect_model
+from velollm_patch.model_ref import resolve_local_model
 from velollm_patch.ollama.api import ShowResponse
 from velollm_patch.ollama.gosyntax import go_unquote, parse_bool, parse_float32, parse_int, semver_is_valid
 from velollm_patch.ollama.parser import (
@@ -374,7 +376,7 @@ def draft_vocabulary_problem(from_model: str, draft: Path) -> str | None:
     if not draft.is_file():
         return None
     try:
-        target = resolve_model(from_model)
+        target = resolve_local_model(from_model)
     except VelollmError:
         return None
     compat = draft_compatibility(target, draft)

@@ -90,9 +90,9 @@ from pathlib import Path
 
 from velollm_patch import hardware, patches, proc, source
 from velollm_patch.errors import VelollmError
-from velollm_patch.model import ollama_stores
 from velollm_patch.ollama.compat import scan_stores
 from velollm_patch.ollama.pins import LlamaCppRelease, known_release, ollama_pin
+from velollm_patch.ollama.store import ollama_stores
 from velollm_patch.ollama.versions import ERA_C_START, LATEST_KNOWN, OllamaVersion
 
 BACKUP_SUFFIX = ".velollm-orig"
@@ -621,7 +621,7 @@ def install_server(prefix: Path, our_server: Path, force: bool = False, *, syste
     """Make Ollama under ``prefix`` run ``our_server`` instead of its bundled llama-server.
 
     Every check (module docstring) runs before anything changes; ``force`` passes those that allow it.
-    ``stores`` are the model stores to search (default: :func:`~velollm_patch.model.ollama_stores`),
+    ``stores`` are the model stores to search (default: :func:`~velollm_patch.ollama.store.ollama_stores`),
     ``machine_gpus`` the GPU families this machine has (default: :func:`machine_gpu_families`). What an
     interrupted earlier run left is finished or undone afterwards, and told to ``on_recovery``."""
     system = system or platform.system()

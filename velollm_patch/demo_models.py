@@ -18,7 +18,6 @@ from pathlib import Path
 from velollm_patch import proc
 from velollm_patch.errors import VelollmError
 from velollm_patch.files import sha256_file
-from velollm_patch.model import resolve_model
 from velollm_patch.paths import Paths, ensure_dir
 
 
@@ -66,16 +65,6 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def resolve(paths: Paths, ref: str | None = None) -> Path:
-    """What every command's MODEL argument means: a GGUF path, a known model above (fetched on first
-    use), or an Ollama model name in the local store; no argument means the demo model."""
-    if ref is None:
-        return fetch_model(paths)
-    if ref in KNOWN_MODELS and not Path(ref).exists():
-        return fetch_model(paths, ref)
-    return resolve_model(ref)
 
 
 def model_path(paths: Paths, name: str) -> Path:
