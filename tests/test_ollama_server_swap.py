@@ -221,7 +221,7 @@ def test_ollamas_b10488_against_our_pin(tmp_path: Path, line: str) -> None:
     assert str(info.value) == (
         "Ollama 0.33.0's llama-server is llama.cpp b10488 (9d77fa172) and ours is b11312 (0c1e57098): Ollama's"
         " compat patches and server flags are made for its own; velollm-patch has no patch series for b10488"
-        " (series exist for 0c1e570), so pass --force to install anyway")
+        " (series exist for 0c1e570, 4df29be), so pass --force to install anyway")
     assert snapshot(prefix) == before
 
 
