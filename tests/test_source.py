@@ -68,7 +68,7 @@ def test_unpinned_and_misnamed_sdists(tmp_path: Path, tmp_paths: Paths) -> None:
         source.fetch(f"sdist:{_fake_sdist(tmp_path / 'other-1.0.tar.gz')}", tmp_paths)
     with pytest.raises(VelollmError, match="does not exist"):
         source.fetch(f"sdist:{tmp_path / 'llama_cpp_python-0.3.36.tar.gz'}", tmp_paths)
-    with pytest.raises(VelollmError, match="no pin for llama-cpp-python 9.9.9.*known: 0.3.35, 0.3.36\)"):
+    with pytest.raises(VelollmError, match=r"no pin for llama-cpp-python 9.9.9.*known: 0.3.35, 0.3.36\)"):
         source.fetch("pypi:llama-cpp-python==9.9.9", tmp_paths)
 
 
