@@ -12,17 +12,20 @@ import pytest
 from click.testing import CliRunner
 
 from tests.fake_ollama import FakeModel, FakeOllama, llama31_8b
-from tests.helpers import write_gguf
+from tests.helpers import recorded_hardware, write_gguf
 from velollm_patch import hardware, tune
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.cli import main
 from velollm_patch.cli_ollama import ollama
 from velollm_patch.errors import VelollmError
-from velollm_patch.ollama.api import ShowResponse
+from velollm_patch.model import inspect_model
+from velollm_patch.ollama.api import OllamaClient, ShowResponse
 from velollm_patch.ollama.config import fit_context
 from velollm_patch.ollama.modelfile import (
     CLASSIC_DRAFT_PATCH,
+    ModelfileRequest,
     ModelfileSpec,
+    compose_modelfile,
     draft_problem,
     loadable_draft,
     parse_show_parameters,
@@ -33,6 +36,7 @@ from velollm_patch.ollama.modelfile import (
 from velollm_patch.ollama.parser import CreateRequest, lint_modelfile, parse_modelfile
 from velollm_patch.ollama.versions import OllamaVersion
 from velollm_patch.paths import Paths
+from velollm_patch.server_flags import ServerFlags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -375,6 +379,49 @@ def test_a_draft_of_another_vocabulary_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["ollama", "modelfile", str(target), "--draft", str(same),
                                        "--ollama-version", "0.25.0", "-o", str(out)])
     assert result.exit_code == 0, result.output
+
+
+# --- composing: the base on a server, the tuner's plan, the request ----------------------------------
+
+
+@pytest.fixture
+def tiny_plan(tmp_path: Path) -> tune.Plan:
+    """A plan made without a build: a tiny model on a recorded 2-core machine, a server with no known flags."""
+    model = inspect_model(write_gguf(tmp_path / "tiny.gguf"))
+    build = tune.BuildFacts("no-flags", "cpu", (), None, ServerFlags("no flags", ()), None)
+    return tune.plan(model, recorded_hardware("cpu-2core"), build, tune.TuneRequest(workload="code"))
+
+
+def test_compose_puts_the_plan_over_the_base_and_the_request_over_both(tiny_plan: tune.Plan) -> None:
+    request = ModelfileRequest("llama3.1:8b", parameters={"num_ctx": 1024}, comments=("mine",))
+    with FakeOllama([llama31_8b()], version="0.31.0") as server, OllamaClient(server.url) as client:
+        spec = compose_modelfile(request, server=client, tuned=lambda: tiny_plan)
+    assert spec.from_model == "llama3.1:8b" and spec.ollama_version == "0.31.0"
+    assert spec.template == llama31_8b().template and "<|eot_id|>" in spec.stop
+    assert spec.parameters["num_ctx"] == 1024 and spec.parameters["num_thread"] == tiny_plan.settings.threads
+    assert spec.reasons["num_thread"] == tiny_plan.reason("threads")
+    assert spec.comments[:2] == ("mine", "tuned by velollm-patch for this machine: balanced profile, code workload")
+    assert spec.comments[2].startswith("Derived from llama3.1:8b")
+    assert created(render_modelfile(spec), "0.31.0").parameters["num_ctx"] == 1024
+
+
+def test_compose_asks_the_server_before_the_tuner(tiny_plan: tune.Plan) -> None:
+    asked: list[str] = []
+
+    def tuned() -> tune.Plan:
+        asked.append("plan")
+        return tiny_plan
+
+    with (FakeOllama([]) as server, OllamaClient(server.url) as client,
+          pytest.raises(VelollmError, match="does not have model 'nope:1b'")):
+        compose_modelfile(ModelfileRequest("nope:1b"), server=client, tuned=tuned)
+    assert asked == []
+
+
+def test_compose_derives_a_demo_model_from_the_planned_file(tiny_plan: tune.Plan) -> None:
+    spec = compose_modelfile(ModelfileRequest("smollm2-135m"), tuned=lambda: tiny_plan)
+    assert spec.from_model == str(tiny_plan.model.path)
+    assert compose_modelfile(ModelfileRequest("smollm2-135m")).from_model == "smollm2-135m"
 
 
 # --- the Modelfiles shipped in modelfiles/ --------------------------------------------------------

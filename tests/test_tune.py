@@ -8,18 +8,20 @@ against the installed binary.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from click.testing import CliRunner
 
-from tests.helpers import CPU_REPACK_Q4_1_PATCH, recorded_hardware
-from velollm_patch import proc, serve
+from tests.helpers import CPU_REPACK_Q4_1_PATCH, recorded_hardware, write_gguf
+from velollm_patch import proc, serve, tune
 from velollm_patch.bench.scenarios import PROMPTS_DIR
 from velollm_patch.build import TUNABLE_KV_PAIRS
 from velollm_patch.builds import InstalledBuild
@@ -28,6 +30,7 @@ from velollm_patch.drafts import find_draft_candidates
 from velollm_patch.errors import VelollmError
 from velollm_patch.hardware import HardwareInfo, VulkanDevice
 from velollm_patch.model import ModelInfo, inspect_model
+from velollm_patch.ollama.modelfile import tuned_parameters
 from velollm_patch.paths import Paths
 from velollm_patch.serve import Device
 from velollm_patch.server_flags import ServerFlags, parse_help, read_server_flags
@@ -37,6 +40,7 @@ from velollm_patch.tune import (
     RUNTIME_BASE_BYTES,
     VOCAB_HEAP_BYTES_PER_TOKEN,
     BuildFacts,
+    ChoiceKey,
     Plan,
     Speculation,
     TuneRequest,
@@ -189,10 +193,6 @@ def choice(p: Plan, key: str) -> str:
     return found[0].value
 
 
-def reason(p: Plan, key: str) -> str:
-    return next(c.reason for c in p.choices if c.key == key)
-
-
 def arg(p: Plan, name: str) -> str | None:
     args = list(p.args)
     return args[args.index(name) + 1] if name in args else None
@@ -280,7 +280,7 @@ def test_metal_needs_equal_k_and_v(smollm2: ModelInfo) -> None:
 
 def test_cpu_2core_box(smollm2: ModelInfo, flags: ServerFlags) -> None:
     p = plan(smollm2, recorded_hardware("cpu-2core"), facts(flags))
-    assert p.backend == "cpu" and "no GPU" in reason(p, "backend")
+    assert p.backend == "cpu" and "no GPU" in p.reason("backend")
     assert (arg(p, "--threads"), arg(p, "--threads-batch")) == ("2", "2")
     assert "--gpu-layers" not in p.args
     # Balanced on the CPU keeps f16 K/V (no conversion per step) with flash attention on.
@@ -309,19 +309,19 @@ def test_plan_memory_counts_what_the_server_holds(smollm2: ModelInfo, gemma3: Mo
     assert p.memory.runtime_bytes == RUNTIME_BASE_BYTES + VOCAB_HEAP_BYTES_PER_TOKEN * 49152
     # gemma3 (SWA): the slots' checkpoints are bounded and counted, each a copy of 15 layers x 512 cells
     g = plan(gemma3, hw, facts(flags, "cpu"))
-    assert arg(g, "--ctx-checkpoints") == "4" and "upstream keeps up to 32" in reason(g, "ctx_checkpoints")
+    assert arg(g, "--ctx-checkpoints") == "4" and "upstream keeps up to 32" in g.reason("ctx_checkpoints")
     assert g.memory.checkpoint_bytes == 4 * 4 * gemma3.swa_checkpoint_bytes()
     m = g.memory
     parts = m.weights_bytes + m.kv_bytes + m.compute_bytes + m.draft_bytes + m.checkpoint_bytes + m.runtime_bytes
     assert m.total_bytes == parts + m.repack_bytes + m.prompt_cache_bytes
     assert "checkpoints" in "\n".join(g.describe())
-    assert "7.5 MiB copy" in reason(g, "ctx_checkpoints")
+    assert "7.5 MiB copy" in g.reason("ctx_checkpoints")
     # the memory profile keeps only the last request's two, each the size of its smaller KV types
     small = plan(gemma3, hw, facts(flags, "cpu"), TuneRequest(profile="memory"))
     assert arg(small, "--ctx-checkpoints") == "2"
     k, v = small.settings.cache_type_k, small.settings.cache_type_v
     assert (k, v) != ("f16", "f16")
-    assert f"{gemma3.swa_checkpoint_bytes(k, v) / MiB:.1f} MiB copy" in reason(small, "ctx_checkpoints")
+    assert f"{gemma3.swa_checkpoint_bytes(k, v) / MiB:.1f} MiB copy" in small.reason("ctx_checkpoints")
     assert small.memory.checkpoint_bytes == 1 * 2 * gemma3.swa_checkpoint_bytes(k, v)
     # the compute estimate reserves logits for the 4 slots' outputs, not for the whole 512-token ubatch
     assert m.compute_bytes < 4 * 512 * 262144
@@ -334,7 +334,7 @@ def test_prompt_cache_holds_one_copy_of_the_slots(gemma3: ModelInfo, smollm2: Mo
     m = g.memory
     assert arg(g, "--cache-ram") == str((m.kv_bytes + m.checkpoint_bytes) // MiB)
     assert m.prompt_cache_bytes == int(arg(g, "--cache-ram") or 0) * MiB > 0
-    assert "one saved copy of every slot's KV" in reason(g, "cache_ram") and "8192 MiB" in reason(g, "cache_ram")
+    assert "one saved copy of every slot's KV" in g.reason("cache_ram") and "8192 MiB" in g.reason("cache_ram")
     assert "prompt cache" in "\n".join(g.describe())
     assert g.env["LLAMA_ARG_CACHE_RAM"] == arg(g, "--cache-ram")
     # with little RAM left it takes what the budget leaves, never more
@@ -344,7 +344,7 @@ def test_prompt_cache_holds_one_copy_of_the_slots(gemma3: ModelInfo, smollm2: Mo
     tight = dataclasses.replace(hw, memory=dataclasses.replace(hw.memory, available_bytes=budget))
     t = plan(smollm2, tight, facts(flags, "cpu"))
     assert 0 < int(arg(t, "--cache-ram") or 0) <= 10 < p.memory.prompt_cache_bytes // MiB
-    assert "what RAM has left" in reason(t, "cache_ram")
+    assert "what RAM has left" in t.reason("cache_ram")
     # the memory profile turns it off; a server without a prompt cache gets no flag and nothing is counted
     assert arg(plan(smollm2, hw, facts(flags, "cpu"), TuneRequest(profile="memory")), "--cache-ram") == "0"
     old_flags = ServerFlags("old", tuple(f for f in flags.flags if "--cache-ram" not in f.all_names))
@@ -424,7 +424,7 @@ def test_cpu_box_with_little_ram_fails_clearly(smollm2: ModelInfo, flags: Server
 
 def test_rtx3060(smollm2: ModelInfo, flags: ServerFlags) -> None:
     p = plan(smollm2, recorded_hardware("rtx3060"), facts(flags, "cuda"))
-    assert "RTX 3060" in reason(p, "backend")
+    assert "RTX 3060" in p.reason("backend")
     assert arg(p, "--gpu-layers") == str(smollm2.n_layers + 1) and choice(p, "gpu_layers") == "all"
     # Balanced on a GPU: q8_0 K/V, one of the pairs compiled into the build.
     assert (arg(p, "--cache-type-k"), arg(p, "--cache-type-v")) == ("q8_0", "q8_0")
@@ -448,14 +448,14 @@ def test_h100_quality_profile(gemma3: ModelInfo, flags: ServerFlags) -> None:
     assert (arg(p, "--cache-type-k"), arg(p, "--cache-type-v")) == ("f16", "f16")
     # Each slot may use the full trained context of the shared pool.
     assert arg(p, "--ctx-size") == str(gemma3.n_ctx_train) and "--kv-unified-per-slot" not in p.args
-    assert "full trained context" in reason(p, "ctx_per_slot")
+    assert "full trained context" in p.reason("ctx_per_slot")
 
 
 def test_m2max_memory_profile(smollm2: ModelInfo, flags: ServerFlags) -> None:
     p = plan(smollm2, recorded_hardware("m2max"), facts(flags, "metal"), TuneRequest(profile="memory"))
     # q8_0 K / q4_0 V is the memory profile's first pick, but Metal needs K == V.
     assert choice(p, "kv_types") == "q4_0/q4_0"
-    assert "Metal" in reason(p, "kv_types")
+    assert "Metal" in p.reason("kv_types")
     assert arg(p, "--parallel") == "1" and "--kv-unified" not in p.args and "--no-kv-unified" not in p.args
     assert arg(p, "--ubatch-size") == "256"
 
@@ -464,7 +464,7 @@ def test_cuda_memory_profile_respects_the_compiled_pairs(smollm2: ModelInfo, fla
     build = facts(flags, "cuda", fa_kv_pairs=("f16-f16", "q8_0-q8_0", "q4_0-q4_0"))
     p = plan(smollm2, recorded_hardware("rtx3060"), build, TuneRequest(profile="memory"))
     assert choice(p, "kv_types") == "q4_0/q4_0"
-    assert "compiled" in reason(p, "kv_types")
+    assert "compiled" in p.reason("kv_types")
     default = plan(smollm2, recorded_hardware("rtx3060"), facts(flags, "cuda"), TuneRequest(profile="memory"))
     assert choice(default, "kv_types") == "q8_0/q4_0"
 
@@ -476,7 +476,7 @@ def test_partial_offload_from_arithmetic(gemma3: ModelInfo, flags: ServerFlags) 
     p = plan(gemma3, small, facts(flags, "cuda"))
     layers = int(arg(p, "--gpu-layers") or "-1")
     assert 0 < layers < gemma3.n_layers + 1
-    assert "the rest run on the CPU" in reason(p, "gpu_layers")
+    assert "the rest run on the CPU" in p.reason("gpu_layers")
     # Layers stay on the CPU, so its threads matter again.
     assert arg(p, "--threads") == str(hw.cpu.physical_cores)
     assert arg(p, "--threads-batch") == str(hw.cpu.logical_cores)
@@ -485,7 +485,7 @@ def test_partial_offload_from_arithmetic(gemma3: ModelInfo, flags: ServerFlags) 
 def test_cpu_build_on_a_gpu_machine_plans_for_the_cpu(smollm2: ModelInfo, flags: ServerFlags) -> None:
     p = plan(smollm2, recorded_hardware("rtx4090"), facts(flags, "cpu"))
     assert p.backend == "cpu" and "--gpu-layers" not in p.args
-    assert "CPU-only" in reason(p, "backend")
+    assert "CPU-only" in p.reason("backend")
 
 
 def test_gpu_build_without_its_gpu_is_an_error(smollm2: ModelInfo, flags: ServerFlags) -> None:
@@ -509,7 +509,7 @@ def llvmpipe_machine() -> HardwareInfo:
 def test_vulkan_plans_for_the_devices_its_build_lists(smollm2: ModelInfo, flags: ServerFlags) -> None:
     p = plan(smollm2, llvmpipe_machine(), vulkan_facts(flags))
     assert p.backend == "vulkan"
-    assert LLVMPIPE in reason(p, "backend") and "software device" in reason(p, "backend")
+    assert LLVMPIPE in p.reason("backend") and "software device" in p.reason("backend")
     # 2 GiB less the 1 GiB margin holds SmolLM2 and its default context: every layer goes to the device
     assert choice(p, "gpu_layers") == "all" and arg(p, "--gpu-layers") == str(smollm2.n_layers + 1)
     assert arg(p, "--flash-attn") == "on" and p.memory.device_bytes > 0
@@ -520,7 +520,7 @@ def test_vulkan_long_context_is_split_between_device_and_cpu(smollm2: ModelInfo,
     p = plan(smollm2, llvmpipe_machine(), vulkan_facts(flags), TuneRequest(ctx=65536, profile="quality"))
     layers = int(arg(p, "--gpu-layers") or "-1")
     assert 0 < layers < smollm2.n_layers + 1, layers
-    assert "the rest run on the CPU" in reason(p, "gpu_layers")
+    assert "the rest run on the CPU" in p.reason("gpu_layers")
 
 
 def test_vulkan_build_that_sees_no_device_is_an_error(smollm2: ModelInfo, flags: ServerFlags) -> None:
@@ -574,7 +574,7 @@ def test_lossless_speculation_when_the_build_has_it(smollm2: ModelInfo, flags: S
 def test_requested_context_and_slots(gemma3: ModelInfo, flags: ServerFlags) -> None:
     p = plan(gemma3, recorded_hardware("cpu-2core"), facts(flags), TuneRequest(ctx=2048, slots=2))
     assert (arg(p, "--ctx-size"), arg(p, "--parallel"), arg(p, "--kv-unified-per-slot")) == ("4096", "2", "2048")
-    assert choice(p, "slots") == "2" and "as requested" in reason(p, "slots")
+    assert choice(p, "slots") == "2" and "as requested" in p.reason("slots")
     with pytest.raises(VelollmError, match="too small"):
         plan(gemma3, recorded_hardware("cpu-2core"), facts(flags), TuneRequest(ctx=16))
 
@@ -609,6 +609,34 @@ def test_plan_json_and_describe(smollm2: ModelInfo, flags: ServerFlags) -> None:
     assert all(c["reason"] for c in data["choices"])
     text = "\n".join(p.describe())
     assert "memory:" in text and "command: llama-server -m" in text
+
+
+def test_the_choice_keys_are_the_ones_the_planner_notes() -> None:
+    """mypy checks each key noted or read (Plan.reason) against ChoiceKey; this checks ChoiceKey against the
+    planner, so a key renamed where it is noted, with the old name still listed for its readers, fails here."""
+    tree = ast.parse(Path(tune.__file__).read_text(encoding="utf-8"))
+    noted = {
+        node.args[0].value for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "note"
+        and isinstance(node.args[0], ast.Constant)
+    }
+    assert noted == set(get_args(ChoiceKey))
+
+
+def test_a_modelfile_carries_the_plans_reasons(smollm2: ModelInfo, flags: ServerFlags, tmp_path: Path) -> None:
+    """The PARAMETERs and DRAFT a plan becomes in a Modelfile are commented with the reasons of their choices:
+    a key renamed on one side only fails here, as Plan.reason raises on a key the plan has no choice for."""
+    target = inspect_model(write_gguf(tmp_path / "target.gguf", n_layers=8, n_embd=256))
+    given = TuneRequest(draft=str(write_gguf(tmp_path / "draft.gguf")))
+    drafted = plan(target, recorded_hardware("cpu-2core"), facts(flags), given)
+    on_gpu = plan(smollm2, recorded_hardware("rtx3060"), facts(flags, "cuda"))
+    for p, read in ((drafted, {"num_ctx": "ctx_per_slot", "num_thread": "threads", "draft": "spec_draft"}),
+                    (on_gpu, {"num_ctx": "ctx_per_slot", "num_thread": "threads", "num_gpu": "gpu_layers"})):
+        noted = {c.key: c.reason for c in p.choices}
+        _, reasons, _ = tuned_parameters(p)
+        assert {name: reasons[name] for name in read} == {name: noted[key] for name, key in read.items()}
+    with pytest.raises(KeyError, match="no 'gpu_layers' choice"):
+        drafted.reason("gpu_layers")  # a CPU plan offloads nothing
 
 
 def test_draft_length_grows_as_the_draft_gets_cheaper() -> None:
@@ -892,9 +920,9 @@ def test_draft_auto_selection_compatible_pair(
     assert arg(p, "--spec-draft-model") == str(smollm2_gguf)
     # The Q4_1 file costs about a third of the F16 one per token: short drafts pay off most.
     assert spec.draft_n_max == best_draft_length(0.65, spec.draft.bytes_ratio) == int(arg(p, "--spec-draft-n-max") or 0)
-    assert "expected" in reason(p, "spec_draft")
+    assert "expected" in p.reason("spec_draft")
     assert arg(p, "--spec-draft-p-min") == "0.75"
-    assert "same BPE vocabulary" in reason(p, "spec_draft")
+    assert "same BPE vocabulary" in p.reason("spec_draft")
     # The draft's weights and KV (arithmetic: the dry run does not load drafts) are part of the plan.
     assert p.memory.draft_bytes > 0
 

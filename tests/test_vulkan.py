@@ -287,8 +287,8 @@ def test_the_tuners_plan_splits_a_long_context_and_the_server_takes_it(
     plan = tune.plan(model, live_hardware, facts, TuneRequest(ctx=8192, slots=8, profile="quality", draft="none"))
     layers = int(plan.args[plan.args.index("--gpu-layers") + 1])
     assert 0 < layers < model.n_layers + 1, plan.describe()
-    assert "llama-fit-params" in next(c.reason for c in plan.choices if c.key == "gpu_layers")
-    assert "llvmpipe" in next(c.reason for c in plan.choices if c.key == "backend")
+    assert "llama-fit-params" in plan.reason("gpu_layers")
+    assert "llvmpipe" in plan.reason("backend")
 
     server = start_vulkan(vulkan_patched, smollm2_gguf, *plan.args, env=plan.env)
     assert _offloaded(server) == (layers, model.n_layers + 1)

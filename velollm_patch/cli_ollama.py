@@ -8,7 +8,9 @@ one-liners that the top-level CLI prints.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import click
@@ -17,7 +19,6 @@ import psutil
 from velollm_patch import hardware, tune
 from velollm_patch.builds import current_build
 from velollm_patch.errors import VelollmError
-from velollm_patch.model_ref import is_demo_model
 from velollm_patch.ollama.api import OllamaClient
 from velollm_patch.ollama.config import (
     GIB,
@@ -32,19 +33,10 @@ from velollm_patch.ollama.config import (
     default_config_path,
     recommend,
 )
-from velollm_patch.ollama.modelfile import (
-    CLASSIC_DRAFT_PATCH,
-    ModelfileSpec,
-    draft_problem,
-    draft_vocabulary_problem,
-    loadable_draft,
-    render_modelfile,
-    spec_from_base,
-    tuned_parameters,
-)
-from velollm_patch.ollama.parser import ParamValue, lint_modelfile, read_modelfile
-from velollm_patch.ollama.server_swap import default_prefix, install_server, installed_server, restore_server
-from velollm_patch.ollama.versions import OllamaVersion, parse_reported_version
+from velollm_patch.ollama.modelfile import ModelfileRequest, compose_modelfile, render_modelfile
+from velollm_patch.ollama.parser import lint_modelfile, read_modelfile
+from velollm_patch.ollama.server_swap import default_prefix, install_server, restore_server
+from velollm_patch.ollama.versions import OllamaVersion
 from velollm_patch.paths import get_paths
 
 
@@ -55,6 +47,15 @@ def ollama() -> None:
 
 def _version_option(value: str | None) -> str | None:
     return str(OllamaVersion.parse(value)) if value else None
+
+
+def _tuner_plan(model: str, request: tune.TuneRequest) -> tune.Plan:
+    """The tuner's plan for ``model`` on this machine with the current build."""
+    paths = get_paths()
+    build = current_build(paths)
+    if build is None:
+        raise VelollmError("--tuned reads the installed llama-server's flags: run `velollm-patch build` first")
+    return tune.plan_for(model, hardware.detect(build_dir=paths.cache), build, paths, request)
 
 
 @ollama.command("modelfile")
@@ -91,57 +92,20 @@ def modelfile_cmd(
     ollama_prefix: Path | None, comments: tuple[str, ...], output: Path | None,
 ) -> None:
     """Write a Modelfile deriving from MODEL with the tuner's settings (--tuned) or the given ones."""
-    version = _version_option(ollama_version)
-    if server is not None:
-        with OllamaClient(server or None) as client:
-            show = client.show(model)
-            if version is None:
-                reported = parse_reported_version(client.version())
-                version = str(reported) if reported else None
-        spec = spec_from_base(show, model, ollama_version=version)
-    else:
-        spec = ModelfileSpec(model, ollama_version=version)
-    # Ollama 0.30+ launches a DRAFT as an MTP draft; only our patched server runs a classic one then.
-    runs = installed_server(ollama_prefix)
-    classic_drafts = runs is not None and CLASSIC_DRAFT_PATCH in runs.patches
-    tuned_draft = None
-    if tuned or profile or workload:
-        profile, workload = profile or "balanced", workload or "chat"
-        paths = get_paths()
-        build = current_build(paths)
-        if build is None:
-            raise VelollmError("--tuned reads the installed llama-server's flags: run `velollm-patch build` first")
-        plan = tune.plan_for(model, hardware.detect(build_dir=paths.cache), build, paths,
-                             tune.TuneRequest(profile=profile, workload=workload))
-        parameters, reasons, tuned_draft = tuned_parameters(plan)
-        parameters, tuned_draft, dropped = loadable_draft(
-            parameters, tuned_draft, spec.target(), classic_drafts=classic_drafts)
-        if dropped:
-            comments = (*comments, dropped)
-        spec = spec.with_parameters(parameters, reasons)
-        if is_demo_model(model):
-            # Ollama does not know our demo-model names: derive from the file the plan was made for.
-            spec = replace(spec, from_model=str(plan.model.path))
-        comments = (*comments, f"tuned by velollm-patch for this machine: {profile} profile, {workload} workload")
-    vocabulary = draft_vocabulary_problem(spec.from_model, draft) if draft else None
-    if vocabulary:
-        raise VelollmError(f"{vocabulary} (llama-server would run without speculation): pass a draft model of the"
-                           " same vocabulary")
-    problem = draft_problem(draft, spec.target(), classic_drafts=classic_drafts) if draft else None
-    if problem:
-        raise VelollmError(f"{problem}: leave --draft out, run `velollm-patch ollama install-server` first,"
-                           " or target an Ollama before 0.30 with --ollama-version")
-    chosen: dict[str, ParamValue] = {
-        name: value for name, value in (
+    request = ModelfileRequest(
+        model,
+        parameters={name: value for name, value in (
             ("num_ctx", num_ctx), ("num_batch", num_batch), ("num_thread", num_thread),
             ("num_gpu", num_gpu), ("draft_num_predict", draft_num_predict),
-        ) if value is not None
-    }
-    spec = replace(
-        spec.with_parameters(chosen),
-        draft=str(draft.resolve()) if draft else tuned_draft,
-        comments=(*comments, *spec.comments),
+        ) if value is not None},
+        draft=draft, ollama_version=_version_option(ollama_version), ollama_prefix=ollama_prefix, comments=comments,
     )
+    tuned_plan = None
+    if tuned or profile or workload:
+        wanted = tune.TuneRequest(profile=profile or "balanced", workload=workload or "chat")
+        tuned_plan = partial(_tuner_plan, model, wanted)
+    with OllamaClient(server or None) if server is not None else nullcontext() as client:
+        spec = compose_modelfile(request, server=client, tuned=tuned_plan)
     text = render_modelfile(spec)
     if output is None:
         click.echo(text, nl=False)

@@ -24,7 +24,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -188,9 +188,18 @@ class TuneRequest:
 # --------------------------------------------------------------------------------------------
 
 
+ChoiceKey = Literal[
+    "backend", "threads", "ctx_per_slot", "slots", "ctx_total", "flash_attn", "batch", "ctx_checkpoints",
+    "cache_ram", "load_mode", "lazy_embeddings", "kv_on_demand", "kv_types", "gpu_layers", "speculation",
+    "spec_ngram", "spec_draft", "spec_draft_p_min", "spec_adaptive", "spec_adaptive_min", "spec_batch_invariant",
+]
+"""The decisions the planner explains. Typed so that mypy ties the key a reason is read by (a Modelfile's
+comments) to the key it is noted under: a key renamed on one side only is a type error."""
+
+
 @dataclass(frozen=True)
 class Choice:
-    key: str
+    key: ChoiceKey
     value: str
     reason: str
 
@@ -289,6 +298,13 @@ class Plan:
     memory: MemoryEstimate
     not_applied: tuple[str, ...] = field(default=())
     """Choices this llama-server has no flag for (upstream renamed or removed it)."""
+
+    def reason(self, key: ChoiceKey) -> str:
+        """Why the planner chose what it did for ``key``; KeyError when the plan made no such choice."""
+        for choice in self.choices:
+            if choice.key == key:
+                return choice.reason
+        raise KeyError(f"the plan for {self.model.name} has no {key!r} choice, only {[c.key for c in self.choices]}")
 
     def command(self, binary: Path | str = "llama-server") -> str:
         return proc.format_command([str(binary), "-m", str(self.model.path), *self.args])
@@ -543,7 +559,7 @@ class _ServerPlanner:
         self.req = request
         self.choices: list[Choice] = []
 
-    def note(self, key: str, value: object, reason: str) -> None:
+    def note(self, key: ChoiceKey, value: object, reason: str) -> None:
         self.choices.append(Choice(key, str(value), reason))
 
     # -- backend and budgets ------------------------------------------------------------------
@@ -819,7 +835,7 @@ class _ServerPlanner:
                 self.note("spec_draft", draft.label, f"{draft.reason}; at {model}")
                 self.note("spec_draft_p_min", p_min, "stop a draft where the draft model is unsure")
         if not types:
-            if "spec_draft" not in {c.key for c in self.choices}:
+            if not any(c.key == "spec_draft" for c in self.choices):
                 self.note("speculation", "off", f"{req.workload} workload and no compatible smaller draft model found")
             return None
         adaptive: str | None = None

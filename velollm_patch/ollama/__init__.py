@@ -1,6 +1,7 @@
 """Ollama integration: Modelfiles Ollama accepts, server settings, and our llama-server under it.
 
-- :mod:`.modelfile` parses, lints and writes Modelfiles exactly as ``ollama create`` reads them.
+- :mod:`.parser` parses and lints Modelfiles exactly as ``ollama create`` reads them.
+- :mod:`.modelfile` writes them from a base model's ``/api/show``, the tuner's plan and a request.
 - :mod:`.api` is a typed client for the HTTP API (version, ps, show, generate metrics).
 - :mod:`.config` recommends and writes ``OLLAMA_*``/``LLAMA_ARG_*`` server settings.
 - :mod:`.server_swap` installs our patched llama-server in place of Ollama's and restores it.

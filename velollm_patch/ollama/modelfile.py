@@ -1,13 +1,13 @@
 """Writing Ollama Modelfiles: a :class:`ModelfileSpec` rendered through ``templates/Modelfile.j2``, with
 quotes chosen so that each value reads back exactly, checked by the linter (:mod:`.parser`) before it is
 returned; the base model's settings carried over from ``/api/show``; and the tuner's plan (PARAMETERs and a
-DRAFT Ollama can load) turned into one.
+DRAFT Ollama can load) turned into one; :func:`compose_modelfile` puts these together for ``ollama modelfile``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -15,8 +15,8 @@ from types import MappingProxyType
 from velollm_patch.drafts import draft_compatibility
 from velollm_patch.errors import VelollmError
 from velollm_patch.model import inspect_model
-from velollm_patch.model_ref import resolve_local_model
-from velollm_patch.ollama.api import ShowResponse
+from velollm_patch.model_ref import is_demo_model, resolve_local_model
+from velollm_patch.ollama.api import OllamaClient, ShowResponse
 from velollm_patch.ollama.gosyntax import go_unquote, parse_bool, parse_float32, parse_int, semver_is_valid
 from velollm_patch.ollama.parser import (
     DEPRECATED_PARAMETERS,
@@ -34,6 +34,7 @@ from velollm_patch.ollama.parser import (
     known_parameter,
     lint_modelfile,
 )
+from velollm_patch.ollama.server_swap import installed_server
 from velollm_patch.ollama.templates import render_template
 from velollm_patch.ollama.versions import (
     DRAFT_SINCE,
@@ -41,6 +42,7 @@ from velollm_patch.ollama.versions import (
     REQUIRES_SINCE,
     Era,
     OllamaVersion,
+    parse_reported_version,
 )
 from velollm_patch.tune import Plan
 
@@ -402,24 +404,88 @@ def tuned_parameters(plan: Plan) -> tuple[dict[str, ParamValue], dict[str, str],
     the plan's larger logical batch would also grow the compute buffer. Slots, KV types and flash
     attention are server-wide in Ollama (``ollama config``), not Modelfile parameters."""
     s = plan.settings
-    why = {c.key: c.reason for c in plan.choices}
     params: dict[str, ParamValue] = {"num_ctx": s.ctx_per_slot, "num_batch": s.ubatch, "num_thread": s.threads}
     reasons = {
-        "num_ctx": why.get("ctx_per_slot", "the tuner's context per slot"),
+        "num_ctx": plan.reason("ctx_per_slot"),
         "num_batch": "Ollama sets -b and -ub from num_batch: the tuner's ubatch",
-        "num_thread": why.get("threads", "the tuner's thread count"),
+        "num_thread": plan.reason("threads"),
     }
     if s.gpu_layers is not None:
         params["num_gpu"] = s.gpu_layers
-        reasons["num_gpu"] = why.get("gpu_layers", "the tuner's GPU layers")
+        reasons["num_gpu"] = plan.reason("gpu_layers")
     if s.load_mode_none:
         params["use_mmap"] = "false"
-        reasons["use_mmap"] = why.get("load_mode", "the weights are read rather than mapped")
+        reasons["use_mmap"] = plan.reason("load_mode")
     spec = s.speculation
     draft = None
     if spec is not None and spec.draft is not None and spec.draft_n_max is not None:
         draft = str(spec.draft.path)
         params["draft_num_predict"] = spec.draft_n_max
-        reasons["draft"] = why.get("spec_draft", "a compatible smaller model of the same vocabulary")
+        reasons["draft"] = plan.reason("spec_draft")
         reasons["draft_num_predict"] = "the draft length the tuner expects to pay off"
     return params, reasons, draft
+
+
+@dataclass(frozen=True)
+class ModelfileRequest:
+    """What a Modelfile is asked for: derive from ``model``, with ``parameters`` and ``draft`` set over what the
+    base and the tuner give; ``ollama_version`` is the target (default: the server's, else the newest known);
+    the llama-server of the Ollama under ``ollama_prefix`` (default: the ollama on PATH) decides whether a
+    classic DRAFT loads; ``comments`` open the file."""
+
+    model: str
+    parameters: Mapping[str, ParamValue] = field(default_factory=dict, hash=False)
+    draft: Path | None = None
+    ollama_version: str | None = None
+    ollama_prefix: Path | None = None
+    comments: tuple[str, ...] = ()
+
+
+def compose_modelfile(
+    request: ModelfileRequest, *, server: OllamaClient | None = None, tuned: Callable[[], Plan] | None = None,
+) -> ModelfileSpec:
+    """The spec ``ollama modelfile`` writes: ``request.model`` as ``server`` shows it (TEMPLATE, SYSTEM, stops
+    and parameters carried over), then the tuner's plan (``tuned``, called once the server and the installed
+    llama-server have been read, so that their errors come before the plan's work), then the request's own
+    parameters and DRAFT, checked to load under the target."""
+    version = request.ollama_version
+    if server is not None:
+        show = server.show(request.model)
+        if version is None:
+            reported = parse_reported_version(server.version())
+            version = str(reported) if reported else None
+        spec = spec_from_base(show, request.model, ollama_version=version)
+    else:
+        spec = ModelfileSpec(request.model, ollama_version=version)
+    # Ollama 0.30+ launches a DRAFT as an MTP draft; only our patched server runs a classic one then.
+    runs = installed_server(request.ollama_prefix)
+    classic_drafts = runs is not None and CLASSIC_DRAFT_PATCH in runs.patches
+    comments = request.comments
+    tuned_draft = None
+    if tuned is not None:
+        plan = tuned()
+        parameters, reasons, tuned_draft = tuned_parameters(plan)
+        parameters, tuned_draft, dropped = loadable_draft(
+            parameters, tuned_draft, spec.target(), classic_drafts=classic_drafts)
+        if dropped:
+            comments = (*comments, dropped)
+        spec = spec.with_parameters(parameters, reasons)
+        if is_demo_model(request.model):
+            # Ollama does not know our demo-model names: derive from the file the plan was made for.
+            spec = replace(spec, from_model=str(plan.model.path))
+        comments = (*comments, f"tuned by velollm-patch for this machine: {plan.profile} profile,"
+                    f" {plan.workload} workload")
+    draft = request.draft
+    vocabulary = draft_vocabulary_problem(spec.from_model, draft) if draft else None
+    if vocabulary:
+        raise VelollmError(f"{vocabulary} (llama-server would run without speculation): pass a draft model of the"
+                           " same vocabulary")
+    problem = draft_problem(draft, spec.target(), classic_drafts=classic_drafts) if draft else None
+    if problem:
+        raise VelollmError(f"{problem}: leave --draft out, run `velollm-patch ollama install-server` first,"
+                           " or target an Ollama before 0.30 with --ollama-version")
+    return replace(
+        spec.with_parameters(request.parameters),
+        draft=str(draft.resolve()) if draft else tuned_draft,
+        comments=(*comments, *spec.comments),
+    )
