@@ -5,7 +5,7 @@ smoke-tested in a clean Debian container through velollm-patch's own build.
 missing (``ci/matrix_images.py``: debootstrap'd Debian 12 plus each backend's toolchain), then runs the
 selected cells one after the other (the compiles would only compete for the same cores). A cell's container
 has no network: the host fetches the source trees and the demo model into its velollm home and mounts them
-read-only, with the repository itself (the cell runs ``ci/matrix_cell.py`` from it) and the ccache volume
+read-only, with a snapshot of the checkout (the cell runs ``ci/matrix_cell.py`` from it) and the ccache volume
 shared by all cells and runs. cuda cells mount the host's CUDA toolkit (/usr/local/cuda) and the cuBLAS
 wheel from this Python's site-packages, read-only, as Debian 12 has no CUDA 13.
 
@@ -96,15 +96,15 @@ def select_cells(patterns: tuple[str, ...], cells: list[Cell]) -> list[Cell]:
 # --- one cell ------------------------------------------------------------------------------------
 
 
-def cell_mounts(cell: Cell, home: Path, src: source.Source, model: Path) -> dict[str, dict[str, str]]:
+def cell_mounts(cell: Cell, home: Path, src: source.Source, model: Path, repo: Path) -> dict[str, dict[str, str]]:
     """What a cell's container sees: its own velollm home, and read-only the fetched source, the demo model,
-    the repository and (cuda) the host's toolkit and cuBLAS wheel."""
+    the repository snapshot and (cuda) the host's toolkit and cuBLAS wheel."""
     cache = f"{HOME_IN_CELL}/cache"
     mounts = {
         str(home): {"bind": HOME_IN_CELL, "mode": "rw"},
         str(src.tree.parent): {"bind": f"{cache}/sources/{src.tree.parent.name}", "mode": "ro"},
         str(model): {"bind": f"{cache}/models/{model.name}", "mode": "ro"},
-        str(images.REPO_ROOT): {"bind": REPO_IN_CELL, "mode": "ro"},
+        str(repo): {"bind": REPO_IN_CELL, "mode": "ro"},
         images.CCACHE_VOLUME: {"bind": images.CCACHE_MOUNT, "mode": "rw"},
     }
     if cell.backend == "cuda":
@@ -124,8 +124,17 @@ def cublas_wheel_dir() -> Path | None:
     return None
 
 
+def snapshot_repo(dest: Path) -> Path:
+    """A copy of the checkout (its files as they are now, without .git and caches), so every cell of a run
+    tests the same code even when the checkout changes while the run goes on."""
+    shutil.rmtree(dest, ignore_errors=True)
+    skip = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".venv", ".*_cache", ".velollm", ".gpucheck")
+    shutil.copytree(images.REPO_ROOT, dest, symlinks=True, ignore=skip)
+    return dest
+
+
 def run_cell(client: Any, cell: Cell, image: str, paths: Paths, src: source.Source, model: Path,
-             timeout: float, out_dir: Path) -> dict[str, Any]:
+             timeout: float, out_dir: Path, repo: Path) -> dict[str, Any]:
     """Run one cell's container to its end or its timeout; its output goes to ``out_dir/<cell>.log``."""
     home = paths.cache / "ci-matrix" / cell.name  # fresh per run: the build is compiled, not reused
     shutil.rmtree(home, ignore_errors=True)
@@ -140,7 +149,7 @@ def run_cell(client: Any, cell: Cell, image: str, paths: Paths, src: source.Sour
     started = time.monotonic()
     container = client.containers.run(
         image, command, detach=True, network_mode="none", working_dir=REPO_IN_CELL, environment=env,
-        volumes=cell_mounts(cell, home, src, model), name=f"velollm-ci-{cell.name}-{os.getpid()}",
+        volumes=cell_mounts(cell, home, src, model, repo), name=f"velollm-ci-{cell.name}-{os.getpid()}",
     )
     follower = threading.Thread(target=_follow, args=(container, cell.name, log_file), daemon=True)
     follower.start()
@@ -276,17 +285,21 @@ def run_matrix(cells: list[Cell], timeout: float, paths: Paths) -> dict[str, Any
         "ccache_volume": images.CCACHE_VOLUME,
         "cells": [],
     }
-    for cell in cells:
-        print(f"[{time.strftime('%H:%M:%S')}] cell {cell.name}", flush=True)
-        src = source.fetch(cell.spec, paths)  # on the host: the containers have no network
-        record = run_cell(client, cell, tags[cell.backend], paths, src, model, timeout, out_dir)
-        print(f"[{time.strftime('%H:%M:%S')}] cell {cell.name}: {record['result']} in "
-              f"{_duration(record['wall_seconds'])}" + (f" ({record['detail']})" if record.get("detail") else ""),
-              flush=True)
-        report["cells"].append(record)
-        report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-        report["wall_seconds"] = round(time.monotonic() - started, 1)
-        write_report(report, out_dir)  # after every cell, so a long run can be read while it goes on
+    repo = snapshot_repo(paths.cache / "ci-matrix" / f"repo-{os.getpid()}")
+    try:
+        for cell in cells:
+            print(f"[{time.strftime('%H:%M:%S')}] cell {cell.name}", flush=True)
+            src = source.fetch(cell.spec, paths)  # on the host: the containers have no network
+            record = run_cell(client, cell, tags[cell.backend], paths, src, model, timeout, out_dir, repo)
+            print(f"[{time.strftime('%H:%M:%S')}] cell {cell.name}: {record['result']} in "
+                  f"{_duration(record['wall_seconds'])}" + (f" ({record['detail']})" if record.get("detail") else ""),
+                  flush=True)
+            report["cells"].append(record)
+            report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+            report["wall_seconds"] = round(time.monotonic() - started, 1)
+            write_report(report, out_dir)  # after every cell, so a long run can be read while it goes on
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
     return report
 
 

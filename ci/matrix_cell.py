@@ -78,9 +78,11 @@ def ccache_stats() -> dict[str, int]:
 def smoke_serve(server_bin: Path, model: Path, backend: str, log_file: Path) -> dict[str, Any]:
     """Serve ``model`` and get a completion over HTTP; on Vulkan every layer goes to the Vulkan device."""
     args = ["-c", "512", "-np", "1", "-t", str(min(4, os.cpu_count() or 1))]
+    env: dict[str, str] = {}
     if backend == "vulkan":
         args += ["-ngl", "99"]
-    config = serve.ServerConfig(binary=server_bin, model=model, args=tuple(args), log_file=log_file)
+        env["GGML_VK_VISIBLE_DEVICES"] = "0"  # ggml-vulkan takes a CPU-type device (llvmpipe) only when named
+    config = serve.ServerConfig(binary=server_bin, model=model, args=tuple(args), env=env, log_file=log_file)
     started = time.monotonic()
     with serve.start_server(config, timeout=300) as server:
         answer = serve.complete(server, SMOKE_PROMPT, n_predict=8).get("content", "")
