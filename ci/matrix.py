@@ -22,12 +22,14 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
@@ -141,7 +143,10 @@ def run_cell(client: Any, cell: Cell, image: str, paths: Paths, src: source.Sour
     ensure_dir(home)
     log_file = out_dir / f"{cell.name}.log"
     env = {"VELOLLM_HOME": HOME_IN_CELL, "CCACHE_DIR": images.CCACHE_MOUNT, "PYTHONPATH": REPO_IN_CELL,
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+           # ccache hashes LANG (it changes the compiler's messages): the host's usual value, so the entries
+           # a seeded volume got from the host's ccache can hit
+           "LANG": os.environ.get("LANG", "C.UTF-8")}
     if cell.backend == "cuda":
         env["PATH"] = f"{images.VENV}/bin:{CUDA_HOME}/bin:/usr/local/bin:/usr/bin:/bin"
     command = ["python", "-m", "ci.matrix_cell", "--source", cell.spec, "--backend", cell.backend,
@@ -303,6 +308,11 @@ def run_matrix(cells: list[Cell], timeout: float, paths: Paths) -> dict[str, Any
     return report
 
 
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # `kill` must remove the running cell's container as Ctrl-C does (run_cell's finally)
+    raise KeyboardInterrupt
+
+
 @click.command()
 @click.option("--cells", "patterns", multiple=True, metavar="PATTERN",
               help="Run only the cells matching this glob or word (repeatable), e.g. cpu, '0c1e570-*-patched'.")
@@ -314,6 +324,7 @@ def run_matrix(cells: list[Cell], timeout: float, paths: Paths) -> dict[str, Any
 def main(patterns: tuple[str, ...], timeout: float, home: Path | None, list_only: bool) -> None:
     """Build and smoke-test pins × backends × {vanilla, patched} in clean Debian containers, and report."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if home is not None:
         os.environ["VELOLLM_HOME"] = str(home)
     try:
@@ -327,6 +338,10 @@ def main(patterns: tuple[str, ...], timeout: float, home: Path | None, list_only
     except VelollmError as exc:
         print(f"error: {plain(str(exc), 8192)}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted: the running cell's container was removed; the cells done are in the report",
+              file=sys.stderr)
+        sys.exit(130)
     out_dir = Path(report["cells"][0]["log"]).parent
     print(markdown(report))
     print(f"report: {out_dir / 'matrix.json'} and {out_dir / 'matrix.md'}")
