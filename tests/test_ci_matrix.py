@@ -211,3 +211,25 @@ def test_one_real_cell_builds_and_answers(velollm_home: Path) -> None:
     assert cell["patch_level"].startswith("velollm-") and cell["patches_applied"]
     assert cell["smoke"]["answer"].strip()
     assert "| 0c1e570-cpu-patched | passed |" in json_file.with_suffix(".md").read_text()
+
+
+def test_a_cell_writes_only_its_home_and_the_ccache(tmp_path: Path) -> None:
+    cells = {c.name: c for c in matrix.all_cells()}
+    src = source.Source(spec="pypi:llama-cpp-python==0.3.36", tree=tmp_path / "sources" / "pypi-0.3.36" / "tree",
+                        commit=source.PINS["0.3.36"].commit, llama_version=None, sdist_sha256="", fetched_at="")
+    model, home, repo = tmp_path / "m.gguf", tmp_path / "home", tmp_path / "repo"
+    cpu = matrix.cell_mounts(cells["0c1e570-cpu-patched"], home, src, model, repo)
+    writable = {bind["bind"] for bind in cpu.values() if bind["mode"] == "rw"}
+    assert writable == {matrix.HOME_IN_CELL, matrix_images.CCACHE_MOUNT}
+    assert cpu[str(src.tree.parent)]["bind"] == f"{matrix.HOME_IN_CELL}/cache/sources/pypi-0.3.36"
+    assert cpu[str(model)]["bind"] == f"{matrix.HOME_IN_CELL}/cache/models/m.gguf"
+    assert cpu[str(repo)]["bind"] == matrix.REPO_IN_CELL
+    assert not any(bind["bind"] == str(matrix.CUDA_HOME) for bind in cpu.values())
+    cuda = matrix.cell_mounts(cells["0c1e570-cuda-patched"], home, src, model, repo)
+    assert cuda[str(matrix.CUDA_HOME.resolve())] == {"bind": str(matrix.CUDA_HOME), "mode": "ro"}
+
+
+def test_snapshot_leaves_git_and_caches_behind(tmp_path: Path) -> None:
+    snapshot = matrix.snapshot_repo(tmp_path / "repo")
+    assert (snapshot / "ci" / "matrix_cell.py").is_file() and (snapshot / "patches" / "llama.cpp").is_dir()
+    assert not (snapshot / ".git").exists() and not list(snapshot.rglob("__pycache__"))
