@@ -16,6 +16,7 @@ first compiler error, or that the cell ran past ``--timeout`` (the other cells s
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -163,8 +164,10 @@ def run_cell(client: Any, cell: Cell, image: str, paths: Paths, src: source.Sour
         container.wait(timeout=timeout)
     except Exception:  # the SDK raises requests' ReadTimeout (or ConnectionError) when the wait runs out
         timed_out = True
-        container.kill()
     finally:
+        # past the timeout, or on Ctrl-C/SIGTERM: stop it first, which ends its log stream
+        with contextlib.suppress(Exception):  # it has exited already
+            container.kill()
         follower.join(timeout=30)
         container.remove(force=True)
     wall = round(time.monotonic() - started, 1)
