@@ -241,7 +241,7 @@ def _outcome(cell: dict[str, Any]) -> str:
         return f"{stage}{cell.get('detail') or ''}"
     smoke = cell.get("smoke") or {}
     if "version" in smoke:
-        return f"`--version`: {smoke['version']}"
+        return f"`--version`: {smoke['version']}; links {', '.join(smoke.get('links', []))}"
     text = f"{smoke.get('prompt', '')} → “{' '.join(str(smoke.get('answer', '')).split())}”"
     if "device" in smoke:
         text += f" ({smoke['offloaded']} on {smoke['device']})"

@@ -3,8 +3,8 @@ library (:func:`plan_build`, :func:`run_build`, as ``velollm-patch build`` does)
 
 cpu and vulkan cells start llama-server on the demo model (SmolLM2) and ask it for a completion over HTTP;
 the Vulkan one offloads every layer to the container's Vulkan device (Mesa's llvmpipe). cuda cells only
-compile: a container has no GPU, so ``llama-server --version`` must run (with the toolkit's stub libcuda)
-and name CUDA. The outcome goes to a JSON file, and a failure names the stage that failed with the patch
+compile: a container has no GPU, so ``llama-server --version`` must run and the binary link the CUDA
+runtime and cuBLAS. The outcome goes to a JSON file, and a failure names the stage that failed with the patch
 and hunk that did not apply or the first compiler error. :func:`failure_detail` is shared with the host.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from velollm_patch import cuda, demo_models, hardware, proc, serve
-from velollm_patch.build import BuildOptions, plan_build, run_build
+from velollm_patch.build import BuildOptions, elf_dynamic_section, plan_build, run_build
 from velollm_patch.errors import VelollmError, one_line
 from velollm_patch.paths import Paths, get_paths
 
@@ -104,8 +104,8 @@ def smoke_serve(server_bin: Path, model: Path, backend: str, log_file: Path) -> 
 
 
 def smoke_version(server_bin: Path, driver_stub: Path | None) -> dict[str, Any]:
-    """``llama-server --version`` of a CUDA build on a machine without a driver: the toolkit's stub stands in
-    for libcuda.so.1 (which only a driver installs), as in velollm-patch's own smoke test."""
+    """``llama-server --version`` of a CUDA build on a machine without a driver (the toolkit's stub, where it has
+    one, stands in for libcuda.so.1, as in velollm-patch's own smoke test), and the CUDA libraries it links."""
     env: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="driver-stub-") as shim:
         if driver_stub is not None:
@@ -115,9 +115,11 @@ def smoke_version(server_bin: Path, driver_stub: Path | None) -> dict[str, Any]:
     if result.returncode != 0 or "version:" not in result.output:
         raise VelollmError(f"{server_bin} --version failed: {one_line(result.tail(3))}")
     version = [line for line in result.output.splitlines() if line.startswith(("version:", "built with"))]
-    if "CUDA" not in result.output:
-        raise VelollmError(f"{server_bin} --version does not mention CUDA: {one_line(result.output)}")
-    return {"version": "; ".join(version)}
+    linked = elf_dynamic_section(server_bin) or {"needed": []}
+    cuda_libraries = [name for name in linked["needed"] if name.startswith(("libcudart", "libcublas"))]
+    if not cuda_libraries:
+        raise VelollmError(f"{server_bin} does not link the CUDA runtime (it needs {', '.join(linked['needed'])})")
+    return {"version": "; ".join(version), "links": cuda_libraries}
 
 
 def run_cell(spec: str, backend: str, patches: str, arch: str, paths: Paths) -> dict[str, Any]:

@@ -156,7 +156,8 @@ def test_markdown_table_shows_answers_failures_and_timeouts(tmp_path: Path) -> N
         {"cell": "4df29be-cpu-patched", "result": "failed", "stage": "apply", "wall_seconds": 4.0,
          "detail": "patch 0003-x.patch (x) does not apply: src/a.cpp hunk #2 (line 7)"},
         {"cell": "4df29be-cuda-vanilla", "result": "passed", "wall_seconds": 4000.0, "build_seconds": 3990.0,
-         "ccache": {"hits": 0, "misses": 400}, "smoke": {"version": "version: 0 (4df29be); built with cc"}},
+         "ccache": {"hits": 0, "misses": 400}, "smoke": {"version": "version: 0 (4df29be); built with cc",
+                                                        "links": ["libcudart.so.13", "libcublas.so.13"]}},
         timed_out,
     ]
     text = matrix.markdown(_report(cells))
@@ -169,7 +170,7 @@ def test_markdown_table_shows_answers_failures_and_timeouts(tmp_path: Path) -> N
                for line in lines)
     assert ("| 4df29be-cpu-patched | failed | 4 s | – | – | apply: patch 0003-x.patch (x) does not apply: "
             "src/a.cpp hunk #2 (line 7) |") in lines
-    assert "`--version`: version: 0 (4df29be); built with cc" in text
+    assert "`--version`: version: 0 (4df29be); built with cc; links libcudart.so.13, libcublas.so.13" in text
     assert ("| 0c1e570-cuda-patched | timed out | 10 min 00 s | – | – "
             "| ran past --timeout 600 s while in compile |") in lines
 
