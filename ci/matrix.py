@@ -112,19 +112,21 @@ def cell_mounts(cell: Cell, home: Path, src: source.Source, model: Path, repo: P
     }
     if cell.backend == "cuda":
         mounts[str(CUDA_HOME.resolve())] = {"bind": str(CUDA_HOME), "mode": "ro"}
-        if (wheel := cublas_wheel_dir()) is not None:
-            mounts[str(wheel)] = {"bind": f"{images.VENV}/lib/python3.11/site-packages/nvidia/{wheel.name}",
-                                  "mode": "ro"}
+        site_packages = f"{images.VENV}/lib/python3.11/site-packages"
+        for found in cublas_wheel():
+            inside = found.name if found.name.endswith(".dist-info") else f"nvidia/{found.name}"
+            mounts[str(found)] = {"bind": f"{site_packages}/{inside}", "mode": "ro"}
     return mounts
 
 
-def cublas_wheel_dir() -> Path | None:
-    """NVIDIA's pip cuBLAS for the host toolkit's major version (``nvidia/cu13``), as ci/cuda_compile installs it."""
+def cublas_wheel() -> list[Path]:
+    """NVIDIA's pip cuBLAS for the host toolkit's major version (``nvidia/cu13``, as ci/cuda_compile installs
+    it) and its metadata (the build plan names the wheel's version), or nothing."""
     for site_dir in python_site_dirs():
         for wheel in sorted((site_dir / "nvidia").glob("cu[0-9]*")):
             if (wheel / "lib").is_dir():
-                return wheel
-    return None
+                return [wheel, *sorted(site_dir.glob("nvidia_cublas-*.dist-info"))]
+    return []
 
 
 def snapshot_repo(dest: Path) -> Path:
