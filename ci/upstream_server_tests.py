@@ -28,9 +28,9 @@ Configurations of the patched build (vanilla always runs as it is):
 - ``features``: our opt-in features on (``FEATURES_ENV``). Informational: every difference is reported with
   both outcomes and messages, and the lane passes (the explanations are in docs/upstream-server-tests.md).
 
-The whole suite takes about 12 minutes per build on 2 cores; ``--subset ci`` (``CI_SUBSET``) is what the
-test suite's CI entry runs (tests/test_upstream_server_suite.py), and the full suite is run before an issue
-that touches the server or the kernels is resolved.
+The whole suite takes about 7.5 minutes per build on 2 quiet cores (over an hour when other jobs share them);
+``--subset ci`` (``CI_SUBSET``) is what the test suite's CI entry runs (tests/test_upstream_server_suite.py),
+and the full suite is run before an issue that touches the server or the kernels is resolved.
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ DESELECTED_FIXTURES: Mapping[str, str] = {
 OFF_VALUES: Mapping[str, str] = {
     "LLAMA_ARG_KV_ON_DEMAND": "off",
     "LLAMA_ARG_FIT_OUTPUTS": "0",  # llama-fit-params only; the server ignores it
+    "GGML_AMX": "0",  # AMX CPUs: our builds have upstream's AMX kernels (patch 0004 makes them work), vanilla none
     "GGML_AMX_WIDEN": "0",
     "LLAMA_ARG_LAZY_MODE": "auto",  # upstream's default; only our "embd" differs
     "GGML_CPU_REPACK_Q4_1": "0",
@@ -145,19 +146,31 @@ FEATURES_ENV: Mapping[str, str] = {
 # "off". Node id prefix -> cause.
 DEFAULTS_TEXT_DIFFERENCES: Mapping[str, str] = {}
 
-# The CI entry's budget: the files that exercise what our patches touch (metrics and the KV gauges, sleep,
-# speculation, slots, completion and bad input), about 4 minutes per build on 2 cores.
+# The CI entry's budget: the files that exercise what our patches touch (completion text and our kernels,
+# embeddings, metrics and the KV gauges, sleep, speculation, slots, context shift, bad input): about 3 of the
+# whole suite's 7.5 minutes per build on 2 quiet cores, so about 6 minutes for both builds.
 CI_SUBSET: tuple[str, ...] = (
     "unit/test_basic.py",
-    "unit/test_metrics.py",
-    "unit/test_sleep.py",
-    "unit/test_speculative.py",
-    "unit/test_slot_save.py",
-    "unit/test_security.py",
-    "unit/test_tokenize.py",
+    "unit/test_completion.py",
     "unit/test_ctx_shift.py",
+    "unit/test_embedding.py",
     "unit/test_kv_keep_only_active.py",
+    "unit/test_metrics.py",
+    "unit/test_security.py",
+    "unit/test_sleep.py",
+    "unit/test_slot_save.py",
+    "unit/test_speculative.py",
+    "unit/test_tokenize.py",
 )
+
+# Tests whose outcome is a race on both builds: they run, and a difference in their outcome is reported but not
+# counted. Node id prefix -> why, with how often each build failed it.
+FLAKY: Mapping[str, str] = {
+    "unit/test_completion.py::test_completion_unified[256-4-n_predict_vals3-expected_success3]":
+        "four parallel requests (90, 90, 40, 75 tokens) fill a unified 256-cell cache; whether the last one ends "
+        "at 89 tokens with 200 (the test fails) or gets its 90 depends on when each request joins the batch: "
+        "SmolLM2 is slow enough to make it a race (8 runs each, everything off: vanilla failed 4, ours 5)",
+}
 
 CONFIGS = ("off", "defaults", "features")
 
@@ -334,12 +347,16 @@ def differing(vanilla: Mapping[str, Mapping[str, Any]], ours: Mapping[str, Mappi
                   if vanilla.get(n, missing)["outcome"] != ours.get(n, missing)["outcome"])
 
 
-_VOLATILE = re.compile(r"0x[0-9a-f]+|\b\d+(\.\d+)?\b|pid=\d+", re.IGNORECASE)
+# what changes from run to run in a message: numbers (timings, ports, addresses) and generated ids (resp_…)
+_VOLATILE = re.compile(r"0x[0-9a-f]+|\b\d+(\.\d+)?\b|\b[A-Za-z]+[-_][A-Za-z0-9]{16,}\b", re.IGNORECASE)
 
 
 def same_failure(a: str, b: str) -> bool:
-    """Two failure messages alike but for numbers (timings, ports, addresses)."""
-    return _VOLATILE.sub("#", a) == _VOLATILE.sub("#", b)
+    """Two failure messages alike but for numbers and generated ids."""
+    def norm(text: str) -> str:
+        # pytest names the exception in one report and not in another for the same assertion
+        return _VOLATILE.sub("#", text.removeprefix("AssertionError: "))
+    return norm(a) == norm(b)
 
 
 def compare(config: str, vanilla: Mapping[str, Mapping[str, Any]], ours: Mapping[str, Mapping[str, Any]],
@@ -356,6 +373,11 @@ def compare(config: str, vanilla: Mapping[str, Mapping[str, Any]], ours: Mapping
             if row["rerun"]["vanilla"]["outcome"] == row["rerun"]["ours"]["outcome"]:
                 noise.append(row)
                 continue
+        flaky = expected_difference(nodeid, FLAKY)
+        if flaky:
+            row["flaky"] = flaky
+            noise.append(row)
+            continue
         reason = expected_difference(nodeid, DEFAULTS_TEXT_DIFFERENCES) if config == "defaults" else None
         row["explained"] = reason
         differences.append(row)
@@ -399,9 +421,15 @@ def markdown(report: dict[str, Any]) -> str:
     else:
         lines += ["No test differs from vanilla.", ""]
     if verdict["noise"]:
-        lines += ["## Differences that did not repeat (noise)", ""]
-        lines += [f"- `{d['test']}`: vanilla {d['vanilla']['outcome']}, ours {d['ours']['outcome']}; on the rerun "
-                  f"both {d['rerun']['ours']['outcome']}" for d in verdict["noise"]]
+        lines += ["## Differences not counted: they did not repeat, or the test is a race (`FLAKY`)", ""]
+        for d in verdict["noise"]:
+            why = f"a race: {d['flaky']}" if d.get("flaky") else f"on the rerun both {d['rerun']['ours']['outcome']}"
+            lines.append(f"- `{d['test']}`: vanilla {d['vanilla']['outcome']}, ours {d['ours']['outcome']}; {why}")
+        lines.append("")
+    if verdict["failed_alike_other_message"]:
+        lines += ["## Failed on both, with other messages (the same outcome; often other generated text)", ""]
+        lines += [f"- `{f['test']}`: vanilla: {_cell(f['vanilla'])}; ours: {_cell(f['ours'])}"
+                  for f in verdict["failed_alike_other_message"]]
         lines.append("")
     reasons: dict[str, int] = {}
     for reason in report["deselected"].values():

@@ -164,6 +164,20 @@ def test_compare_counts_only_differences_that_repeat(monkeypatch: pytest.MonkeyP
     assert ust.compare("features", vanilla, ours, rerun_vanilla, rerun_ours)["result"] == "passed"
 
 
+def test_a_race_is_reported_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ust, "FLAKY", {"unit/t.py::race[3]": "parallel requests race for the last cells"})
+    vanilla = {"unit/t.py::race[3]": _t("failed", "assert 89 == 90"), "unit/t.py::other": _t("passed")}
+    ours = {"unit/t.py::race[3]": _t("passed"), "unit/t.py::other": _t("passed")}
+    race = "unit/t.py::race[3]"
+    verdict = ust.compare("off", vanilla, ours, {race: _t("failed")}, {race: _t("passed")})
+    assert verdict["result"] == "passed" and not verdict["differences"]
+    assert verdict["noise"][0]["flaky"] == "parallel requests race for the last cells"
+    assert "a race: parallel requests" in ust.markdown({
+        "config": "off", "result": "passed", "verdict": verdict, "env": {}, "subset": "full", "deselected": {},
+        "ours": {"build_id": "p", "summary": "", "seconds": 1}, "finished": "now", "wall_seconds": 1, "cache": {},
+        "vanilla": {"build_id": "v", "summary": "", "seconds": 1}})
+
+
 def test_the_report_names_each_difference_with_both_outcomes(tmp_path: Path) -> None:
     verdict = ust.compare("off", {"t": _t("passed")}, {"t": _t("failed", "kv_reserved_bytes 0 | x")}, {}, {})
     report = {"config": "off", "result": verdict["result"], "verdict": verdict, "env": {"GGML_CPU_REPACK_Q4_1": "0"},
