@@ -51,7 +51,7 @@ from typing import Any
 
 import click
 
-from velollm_patch import builds, models
+from velollm_patch import builds, demo_models
 from velollm_patch.errors import VelollmError, plain
 from velollm_patch.paths import Paths, ensure_dir, get_paths
 
@@ -69,7 +69,7 @@ CACHE_COMMIT = "0" * 39 + "1"
 class Substitute:
     repo: str  # the Hugging Face repository the suite asks for
     file: str  # the file inside it: the suite's --hf-file, or a name the repository's tag selects
-    model: str  # one of velollm_patch.models.KNOWN_MODELS
+    model: str  # one of velollm_patch.demo_models.KNOWN_MODELS
     why: str
 
 
@@ -254,7 +254,7 @@ def prepare_cache(paths: Paths, cache: Path) -> dict[str, str]:
     placed: dict[str, str] = {}
     fetched: dict[str, Path] = {}
     for sub in SUBSTITUTES:
-        model = fetched.setdefault(sub.model, models.fetch_model(paths, sub.model))
+        model = fetched.setdefault(sub.model, demo_models.fetch_model(paths, sub.model))
         repo_dir = cache / ("models--" + sub.repo.replace("/", "--"))
         ensure_dir(repo_dir / "refs")
         (repo_dir / "refs" / "main").write_text(CACHE_COMMIT)
@@ -263,7 +263,7 @@ def prepare_cache(paths: Paths, cache: Path) -> dict[str, str]:
         target.symlink_to(model)
         placed[f"{sub.repo}/{sub.file}"] = model.name
     for name, model_name, _ in LOCAL_FILES:
-        model = fetched.get(model_name) or models.fetch_model(paths, model_name)
+        model = fetched.get(model_name) or demo_models.fetch_model(paths, model_name)
         (cache / name).symlink_to(model)
         placed[f"tmp/{name}"] = model.name
     return placed

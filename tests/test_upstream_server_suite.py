@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from ci import upstream_server_tests as ust
-from velollm_patch import models
+from velollm_patch import demo_models
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.patches import all_series
 from velollm_patch.paths import Paths
@@ -109,14 +109,14 @@ def test_the_suite_is_copied_where_its_relative_paths_still_work(tmp_path: Path)
 def test_the_cache_holds_our_models_under_upstream_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fetched: list[str] = []
 
-    def fake_fetch(paths: Paths, name: str = models.DEFAULT_MODEL) -> Path:
+    def fake_fetch(paths: Paths, name: str = demo_models.DEFAULT_MODEL) -> Path:
         fetched.append(name)
-        path = tmp_path / "models" / models.known_model(name).filename
+        path = tmp_path / "models" / demo_models.known_model(name).filename
         path.parent.mkdir(exist_ok=True)
         path.write_text(name)
         return path
 
-    monkeypatch.setattr(models, "fetch_model", fake_fetch)
+    monkeypatch.setattr(demo_models, "fetch_model", fake_fetch)
     cache = tmp_path / "cache"
     cache.mkdir()
     placed = ust.prepare_cache(Paths(tmp_path / "d", tmp_path / "c"), cache)
@@ -127,7 +127,7 @@ def test_the_cache_holds_our_models_under_upstream_names(tmp_path: Path, monkeyp
         assert re.fullmatch(r"[0-9a-f]{40}", commit)  # hf-cache.cpp skips other refs
         file = repo / "snapshots" / commit / sub.file
         assert file.is_symlink() and file.read_text() == sub.model
-        assert placed[f"{sub.repo}/{sub.file}"] == models.known_model(sub.model).filename
+        assert placed[f"{sub.repo}/{sub.file}"] == demo_models.known_model(sub.model).filename
     # the names the suite's lookups need: the preset's tag Q8_0, the router's ids with tag F32
     gemma = next(s for s in ust.SUBSTITUTES if s.repo == "ggml-org/tinygemma3-GGUF")
     assert re.search(r"Q8_0[.-]", gemma.file)
