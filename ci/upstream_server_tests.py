@@ -27,6 +27,9 @@ Configurations of the patched build (vanilla always runs as it is):
   each such test is listed in ``DEFAULTS_TEXT_DIFFERENCES`` with its cause. Any other difference fails.
 - ``features``: our opt-in features on (``FEATURES_ENV``). Informational: every difference is reported with
   both outcomes and messages, and the lane passes (the explanations are in docs/upstream-server-tests.md).
+- ``tuned``: the tuner's plan for the suite's main substitute model on this machine and build (``tuned_env``),
+  as ``LLAMA_ARG_*``: what ``velollm-patch serve`` would set, less what shapes a test's server (the model,
+  context, slots; each test passes its own, and its arguments win over the environment). Informational too.
 
 The whole suite takes about 7.5 minutes per build on 2 quiet cores (over an hour when other jobs share them);
 ``--subset ci`` (``CI_SUBSET``) is what the test suite's CI entry runs (tests/test_upstream_server_suite.py),
@@ -51,7 +54,7 @@ from typing import Any
 
 import click
 
-from velollm_patch import builds, demo_models
+from velollm_patch import builds, demo_models, hardware, tune
 from velollm_patch.errors import VelollmError, plain
 from velollm_patch.paths import Paths, ensure_dir, get_paths
 
@@ -172,7 +175,15 @@ FLAKY: Mapping[str, str] = {
         "SmolLM2 is slow enough to make it a race (8 runs each, everything off: vanilla failed 4, ours 5)",
 }
 
-CONFIGS = ("off", "defaults", "features")
+# What the tuner sets that the suite's tests choose for themselves: a test's server has its own model,
+# context and slots (its arguments win over the environment only where it passes them), and /metrics off
+# unless it asks (test_metrics checks that it is off by default).
+TUNED_LEFT_TO_THE_TEST = frozenset({
+    "LLAMA_ARG_MODEL", "LLAMA_ARG_CTX_SIZE", "LLAMA_ARG_N_PARALLEL", "LLAMA_ARG_KV_UNIFIED",
+    "LLAMA_ARG_KV_UNIFIED_PER_SLOT", "LLAMA_ARG_ENDPOINT_METRICS",
+})
+
+CONFIGS = ("off", "defaults", "features", "tuned")
 
 
 def deselection_reason(nodeid: str, fixtures: Sequence[str]) -> str | None:
@@ -210,13 +221,22 @@ def off_env(build: builds.InstalledBuild) -> dict[str, str]:
     return env
 
 
-def config_env(config: str, build: builds.InstalledBuild) -> dict[str, str]:
+def tuned_env(paths: Paths, build: builds.InstalledBuild) -> dict[str, str]:
+    """The tuner's plan (``velollm-patch tune``, default profile and workload) for SmolLM2 with ``build``."""
+    plan = tune.plan_for(SUBSTITUTES[0].model, hardware.detect(build_dir=paths.cache), build, paths,
+                         tune.TuneRequest())
+    return {k: v for k, v in plan.env.items() if k not in TUNED_LEFT_TO_THE_TEST}
+
+
+def config_env(config: str, build: builds.InstalledBuild, paths: Paths) -> dict[str, str]:
     if build.is_vanilla or config == "defaults":
         return {}
     if config == "off":
         return off_env(build)
     if config == "features":
         return dict(FEATURES_ENV)
+    if config == "tuned":
+        return tuned_env(paths, build)
     raise VelollmError(f"unknown configuration {config}: one of {', '.join(CONFIGS)}")
 
 
@@ -388,7 +408,7 @@ def compare(config: str, vanilla: Mapping[str, Mapping[str, Any]], ours: Mapping
         if vanilla[n]["outcome"] == ours[n]["outcome"] in ("failed", "error")
         and not same_failure(vanilla[n]["message"], ours[n]["message"])
     ]
-    passed = not unexplained or config == "features"
+    passed = not unexplained or config in ("features", "tuned")
     return {"result": "passed" if passed else "failed", "differences": differences, "noise": noise,
             "unexplained": len(unexplained), "failed_alike_other_message": both_failed_otherwise}
 
@@ -477,14 +497,15 @@ def _vanilla_run(paths: Paths, vanilla: builds.InstalledBuild, work: Path, selec
 
 
 def run_lane(paths: Paths, build: builds.InstalledBuild, vanilla: builds.InstalledBuild, config: str,
-             subset: str, *, stored_vanilla: Path | None = None, rerun: bool = True) -> dict[str, Any]:
+             subset: str, *, stored_vanilla: Path | None = None, rerun: bool = True,
+             extra_env: Mapping[str, str] | None = None) -> dict[str, Any]:
     if not vanilla.is_vanilla:
         raise VelollmError(f"{vanilla.build_id} is not a vanilla build (it has patches)")
     if build.manifest.get("source", {}).get("commit") != vanilla.manifest.get("source", {}).get("commit"):
         raise VelollmError(f"{build.build_id} and {vanilla.build_id} are not built from the same upstream commit")
     started = time.monotonic()
     select = _selection(subset)
-    env = config_env(config, build)
+    env = {**config_env(config, build, paths), **(extra_env or {})}
     # not under paths.work (every build empties it), and one directory per run: runs may overlap
     work = ensure_dir(paths.cache / LANE / f"{time.strftime('%Y%m%d-%H%M%S')}-{config}-{os.getpid()}")
     base_vanilla = _vanilla_run(paths, vanilla, work, select, stored_vanilla)
@@ -538,17 +559,24 @@ def _find(paths: Paths, ref: str) -> builds.InstalledBuild:
               help="A stored vanilla run (vanilla.run.json in an earlier run's directory, "
                    "<home>/cache/upstream-server-tests/<run>/) instead of running vanilla again.")
 @click.option("--no-rerun", is_flag=True, help="Do not run differing tests again.")
+@click.option("--env", "extra_env", multiple=True, metavar="KEY=VALUE",
+              help="More environment for our build, after the configuration's: GGML_AMX=0 runs the kernels a CPU "
+                   "without AMX runs (repeatable).")
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path),
               help="velollm home with both builds (VELOLLM_HOME); default: the user's.")
 def main(build_ref: str, vanilla_ref: str, config: str, subset: str, vanilla_outcomes: Path | None,
-         no_rerun: bool, home: Path | None) -> None:
+         no_rerun: bool, extra_env: tuple[str, ...], home: Path | None) -> None:
     """Run llama.cpp's server test suite on a patched build and on vanilla, and compare test by test."""
+    bad = [item for item in extra_env if "=" not in item or not item.split("=", 1)[0]]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r} is not KEY=VALUE (e.g. --env GGML_AMX=0)", param_hint="--env")
     if home is not None:
         os.environ["VELOLLM_HOME"] = str(home)
     try:
         paths = get_paths()
         report = run_lane(paths, _find(paths, build_ref), _find(paths, vanilla_ref), config, subset,
-                          stored_vanilla=vanilla_outcomes, rerun=not no_rerun)
+                          stored_vanilla=vanilla_outcomes, rerun=not no_rerun,
+                          extra_env=dict(item.split("=", 1) for item in extra_env))
     except VelollmError as exc:
         print(f"error: {plain(str(exc), 8192)}", file=sys.stderr)
         sys.exit(exc.exit_code)

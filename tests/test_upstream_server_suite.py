@@ -54,12 +54,26 @@ def test_a_switch_without_an_off_value_stops_the_lane() -> None:
         ust.off_env(build)
 
 
-def test_configurations() -> None:
+def test_configurations(tmp_path: Path) -> None:
+    paths = Paths(tmp_path / "d", tmp_path / "c")
     patched = _build([{"name": "cpu-repack-q4-1", "env": "GGML_CPU_REPACK_Q4_1"}])
-    assert ust.config_env("off", patched) == {"GGML_CPU_REPACK_Q4_1": "0"}
-    assert ust.config_env("defaults", patched) == {}
-    assert ust.config_env("features", patched) == dict(ust.FEATURES_ENV)
-    assert ust.config_env("off", _build([])) == {}  # vanilla runs as it is
+    assert ust.config_env("off", patched, paths) == {"GGML_CPU_REPACK_Q4_1": "0"}
+    assert ust.config_env("defaults", patched, paths) == {}
+    assert ust.config_env("features", patched, paths) == dict(ust.FEATURES_ENV)
+    assert ust.config_env("off", _build([]), paths) == {}  # vanilla runs as it is
+    assert ust.config_env("tuned", _build([]), paths) == {}
+
+
+@pytest.mark.slow
+def test_the_tuned_configuration_is_the_tuners_plan_less_the_tests_own_shape(
+    patched_build: InstalledBuild, paths: Paths
+) -> None:
+    env = ust.tuned_env(paths, patched_build)
+    assert not set(env) & ust.TUNED_LEFT_TO_THE_TEST
+    assert all(k.startswith("LLAMA_ARG_") for k in env)
+    # the knobs the tuner turns on this build: its patches' features and the performance settings
+    assert env["LLAMA_ARG_KV_ON_DEMAND"] == "1" and env["LLAMA_ARG_FLASH_ATTN"] == "on"
+    assert {"LLAMA_ARG_THREADS", "LLAMA_ARG_UBATCH"} <= set(env)
 
 
 # --- deselection ----------------------------------------------------------------------------------------
@@ -162,6 +176,7 @@ def test_compare_counts_only_differences_that_repeat(monkeypatch: pytest.MonkeyP
     assert explained["result"] == "passed" and explained["differences"][0]["explained"]
     assert ust.compare("off", vanilla, ours, rerun_vanilla, rerun_ours)["result"] == "failed"  # never under off
     assert ust.compare("features", vanilla, ours, rerun_vanilla, rerun_ours)["result"] == "passed"
+    assert ust.compare("tuned", vanilla, ours, rerun_vanilla, rerun_ours)["result"] == "passed"
 
 
 def test_a_race_is_reported_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
