@@ -43,7 +43,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -54,7 +53,7 @@ from typing import Any
 
 import click
 
-from velollm_patch import builds, demo_models, hardware, tune
+from velollm_patch import builds, demo_models, hardware, proc, tune
 from velollm_patch.errors import VelollmError, plain
 from velollm_patch.paths import Paths, ensure_dir, get_paths
 
@@ -335,10 +334,11 @@ def run_suite(paths: Paths, build: builds.InstalledBuild, env: Mapping[str, str]
     print(f"[{time.strftime('%H:%M:%S')}] {label}: upstream's suite against {build.build_id}"
           + (f" with {' '.join(f'{k}={v}' for k, v in env.items())}" if env else ""), flush=True)
     started = time.monotonic()
-    with log.open("w") as out:
-        # the suite's servers write their logs to its stdout: into the log file, not the lane's output
-        result = subprocess.run(cmd, cwd=suite, env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                                timeout=timeout, check=False)
+    log.unlink(missing_ok=True)
+    # the suite's servers write their logs to its stdout: into the log file, not the lane's output; its own
+    # process group, so that a timeout or Ctrl-C stops the servers the suite started too
+    result = proc.run(cmd, cwd=suite, env=full_env, inherit_env=False, check=False, timeout=timeout,
+                      log_file=log, what=f"{label}: upstream's suite")
     seconds = time.monotonic() - started
     # the copy and its cache are links and upstream's small files; the log and the outcomes stay
     shutil.rmtree(work / label, ignore_errors=True)
