@@ -143,10 +143,37 @@ FEATURES_ENV: Mapping[str, str] = {
     "LLAMA_ARG_SPEC_ADAPTIVE": "on",
 }
 
-# Under "defaults", tests whose outcome may differ from vanilla's because our kernels (Q4_1 and Q8_0
-# repacking) compute other floats and the model writes other text; each returns to vanilla's outcome under
-# "off". Node id prefix -> cause.
-DEFAULTS_TEXT_DIFFERENCES: Mapping[str, str] = {}
+# Under "defaults", tests whose outcome may differ from vanilla's because our build computes other floats and
+# the model writes other text (or other scores): upstream's AMX kernels on a CPU with AMX (patch 0004 makes them
+# work; vanilla builds have none), our repacked Q4_1 kernel (0007) on one without, and batch-invariant kernels
+# while speculating (0013). Each returns to vanilla's outcome under "off". Seen on a 2-vCPU Xeon with AMX, with
+# and without GGML_AMX=0, and on a 2-vCPU EPYC (issue #35). Node id prefix -> cause.
+_KERNEL_TEXT = ("our kernels' floats (AMX on a CPU with AMX, the repacked Q4_1 kernel without) make SmolLM2 write "
+                "other text; ")
+DEFAULTS_TEXT_DIFFERENCES: Mapping[str, str] = {
+    "unit/test_completion.py::test_completion_unified[256-4-":
+        _KERNEL_TEXT + "one of the four parallel answers reaches end of generation at 40 tokens where more were "
+        "asked (stop type eos; without AMX)",
+    "unit/test_speculative.py::test_with_and_without_draft":
+        "speculation turns batch-invariant kernels on (--spec-batch-invariant auto) and the server without a draft "
+        "decodes on upstream's single-row kernels; the logprobs differ by a few hundredths and the sampled text "
+        "differs from the tenth token (without AMX); with --spec-batch-invariant on for both servers they agree "
+        "bit for bit (docs/upstream-server-tests.md, Decisions)",
+    "unit/test_speculative.py::test_synth_ignores_target_tokens":
+        _KERNEL_TEXT + "the answer ends at end of generation after 17 tokens, so 2 of the 16 drafted tokens come "
+        "after the end and are not accepted (with AMX)",
+    "unit/test_tool_call.py::test_completion_without_tool_call_fast[meta-llama-Llama-3.3-70B-Instruct-128-tools1-":
+        _KERNEL_TEXT + "its answer does not parse as the template's tool-call format (500, 'does not match the "
+        "expected peg-native format'); vanilla's does (without AMX)",
+    "unit/test_compat_anthropic.py::test_anthropic_tool_result":
+        _KERNEL_TEXT + "vanilla's answer is empty and fails, ours is not",
+    "unit/test_ctx_shift.py::test_ctx_shift_disabled_stream":
+        _KERNEL_TEXT + "vanilla's stream ends with a stop where the test wants none, ours runs to the limit "
+        "(without AMX)",
+    **dict.fromkeys(("unit/test_rerank.py::test_rerank", "unit/test_rerank.py::test_rerank_tei_format"),
+                    "our kernels' floats change SmolLM2's rerank scores (it stands in for a reranker): vanilla's "
+                    "order of the documents fails the test, ours passes"),
+}
 
 # The CI entry's budget: the files that exercise what our patches touch (completion text and our kernels,
 # embeddings, metrics and the KV gauges, sleep, speculation, slots, context shift, bad input): about 3 of the
@@ -197,8 +224,10 @@ def deselection_reason(nodeid: str, fixtures: Sequence[str]) -> str | None:
 
 
 def expected_difference(nodeid: str, table: Mapping[str, str]) -> str | None:
-    for prefix, reason in table.items():
-        if nodeid == prefix or nodeid.startswith(prefix):
+    """The reason ``table`` gives for ``nodeid``: keyed by node id, or by the start of a parametrized one (up to
+    a ``[`` or ``-``), so that a listed test does not cover another whose name merely starts alike."""
+    for key, reason in table.items():
+        if nodeid == key or (key.endswith(("[", "-")) and nodeid.startswith(key)):
             return reason
     return None
 

@@ -182,6 +182,26 @@ def test_compare_counts_only_differences_that_repeat(monkeypatch: pytest.MonkeyP
     assert ust.compare("tuned", vanilla, ours, rerun_vanilla, rerun_ours)["result"] == "passed"
 
 
+def test_a_listed_difference_covers_its_test_and_its_parameters_only() -> None:
+    table = {"unit/t.py::test_a": "why a", "unit/t.py::test_b[256-": "why b"}
+    assert ust.expected_difference("unit/t.py::test_a", table) == "why a"
+    assert ust.expected_difference("unit/t.py::test_a_other", table) is None
+    assert ust.expected_difference("unit/t.py::test_b[256-4-x]", table) == "why b"
+    assert ust.expected_difference("unit/t.py::test_b[128-4-x]", table) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("table", ["DEFAULTS_TEXT_DIFFERENCES", "FLAKY"])
+def test_every_listed_test_exists_in_upstreams_suite(table: str, patched_build: InstalledBuild) -> None:
+    """A listed test that upstream renamed would explain nothing: each key names a test of the pinned suite."""
+    suite = ust.source_tree(patched_build) / ust.SUITE
+    for key, reason in getattr(ust, table).items():
+        file, _, test = key.partition("::")
+        name = re.match(r"\w+", test)
+        assert name is not None and len(reason) > 20, key
+        assert f"def {name.group()}(" in (suite / file).read_text(), f"{key}: no such test in {suite / file}"
+
+
 def test_a_race_is_reported_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ust, "FLAKY", {"unit/t.py::race[3]": "parallel requests race for the last cells"})
     vanilla = {"unit/t.py::race[3]": _t("failed", "assert 89 == 90"), "unit/t.py::other": _t("passed")}
