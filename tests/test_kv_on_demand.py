@@ -310,3 +310,26 @@ def test_perplexity_identical_to_vanilla(
     vanilla = final_estimate(vanilla_build)
     assert final_estimate(patched_build) == vanilla
     assert final_estimate(patched_build, "--kv-on-demand") == vanilla
+
+
+KV_GAUGES = ("kv_reserved_bytes", "kv_committed_bytes", "kv_cells", "kv_cells_used", "kv_high_water_cells",
+             "kv_on_demand")
+
+
+def test_kv_gauges_repeat_the_snapshot_while_the_server_sleeps(
+    start_patched_server: StartServer, smollm2_gguf: Path
+) -> None:
+    """While llama-server sleeps (--sleep-idle-seconds) its contexts are destroyed and /metrics repeats the
+    snapshot taken before sleeping; the KV gauges are part of it (they read 0 while asleep before issue #35)."""
+    s = start_patched_server(smollm2_gguf, "-c", "2048", "-np", "1", "-fa", "on", "--kv-on-demand",
+                             "--sleep-idle-seconds", "1")
+    serve.complete(s, PROMPT, n_predict=8)
+    awake = s.metrics()
+    assert awake["kv_reserved_bytes"] > 0 and awake["kv_cells_used"] > 0 and awake["kv_on_demand"] == 1
+    deadline = time.monotonic() + 120  # a wait for the idle timer, not a performance threshold
+    while not s.get_json("/props")["is_sleeping"]:
+        assert time.monotonic() < deadline, "the server did not go to sleep"
+        time.sleep(0.2)
+    asleep = s.metrics()
+    assert {g: asleep[g] for g in KV_GAUGES} == {g: awake[g] for g in KV_GAUGES}
+    assert s.get_json("/props")["is_sleeping"]  # scraping did not wake it

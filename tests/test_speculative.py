@@ -320,3 +320,23 @@ def test_slot_statistics(start_server: StartServer, smollm2_f16_gguf: Path, smol
     _complete(server, PROMPTS[1], n_predict=32)
     st2 = _slot0(server)["speculative_stats"]
     assert st2["n_drafted_total"] == st["n_drafted"] + st2["n_drafted"]
+
+
+def test_synthetic_rates_sized_to_the_draft_maximum_work_with_adaptive(
+    start_server: StartServer, smollm2_f16_gguf: Path, smollm2_gguf: Path
+) -> None:
+    """Upstream's benchmarking mode gives one synthetic acceptance rate per draft position up to
+    --spec-draft-n-max (upstream's test_speculative does); --spec-adaptive's automatic maximum stays there when
+    rates are given, so the same rates work; an explicit --spec-adaptive-max asks for that many (issue #35)."""
+    rates = ",".join(["1.0"] * 8)
+    synth = _draft_args(smollm2_gguf, "--spec-draft-n-max", "8", "--spec-synth-rates", rates)
+    server = start_server(smollm2_f16_gguf, *synth, "--spec-adaptive")
+    res = _complete(server, PROMPTS[0], n_predict=32)
+    # every drafted token is accepted (a drafted end of generation would not be: code, 32 tokens, has none)
+    assert 0 < res["timings"]["draft_n_accepted"] == res["timings"]["draft_n"]
+    assert _slot0(server)["speculative_stats"]["n_max_cap"] == 8
+    server.stop()
+
+    with pytest.raises(VelollmError, match="must contain 12 values, one per draft position up to "
+                                           "--spec-adaptive-max 12, got 8"):
+        start_server(smollm2_f16_gguf, *synth, "--spec-adaptive", "--spec-adaptive-max", "12")

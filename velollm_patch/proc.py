@@ -54,15 +54,17 @@ def run(
     on_line: Callable[[str], None] | None = None,
     log_file: Path | None = None,
     what: str | None = None,
+    inherit_env: bool = True,
 ) -> Result:
     """Run ``args`` and return its combined stdout+stderr.
 
-    ``env`` entries are added to the current environment. With ``on_line`` or ``log_file`` the
+    ``env`` entries are added to the current environment (``inherit_env=False``: ``env`` is the whole
+    environment, for a command that must not see some of ours). With ``on_line`` or ``log_file`` the
     output is streamed (a long build stays observable); otherwise it is captured whole. When
     ``check`` is true a non-zero exit raises :class:`CommandFailed` naming ``what`` failed.
     """
     argv = [str(a) for a in args]
-    full_env = {**os.environ, **env} if env else None
+    full_env = dict(env or {}) if not inherit_env else {**os.environ, **env} if env else None
     log.debug("run: %s%s", format_command(argv), f" (in {cwd})" if cwd else "")
     try:
         if on_line is None and log_file is None:
