@@ -10,7 +10,6 @@ The compile takes long (every CUDA kernel for the arch): that is why it is a lan
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -22,10 +21,11 @@ from typing import Any
 
 import click
 
+from ci import reports
 from velollm_patch import builds, cuda, hardware, proc
 from velollm_patch.build import BuildOptions, BuildPlan, plan_build, run_build
 from velollm_patch.errors import VelollmError, plain
-from velollm_patch.paths import Paths, ensure_dir, get_paths
+from velollm_patch.paths import Paths, get_paths
 
 log = logging.getLogger("ci.cuda_compile")
 LANE = "cuda-compile"
@@ -116,13 +116,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], paths: Paths) -> tuple[Path, Path]:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    directory = ensure_dir(paths.ci_reports)
-    json_file = directory / f"{LANE}-{stamp}.json"
-    md_file = json_file.with_suffix(".md")
-    json_file.write_text(json.dumps(report, indent=2) + "\n")
-    md_file.write_text(markdown(report))
-    return json_file, md_file
+    return reports.write_pair(reports.stamped(paths, LANE), report, markdown(report))
 
 
 def run_lane(arch: str, patches: str, paths: Paths) -> dict[str, Any]:

@@ -65,6 +65,7 @@ import click
 import psutil
 
 from ci import gpu_check_models as gcm
+from ci import reports
 from velollm_patch import builds, demo_models, hardware, proc, serve, source, tune
 from velollm_patch.bench.metrics import MemorySampler, RatioStats, geometric_means
 from velollm_patch.bench.report import geomean_rows, ratio_rows
@@ -284,16 +285,8 @@ def stop_descendants() -> list[int]:
 
 
 def write_reports(report: Mapping[str, Any], out: Path) -> tuple[Path, Path]:
-    """``gpu-check.json`` and ``gpu-check.md`` in ``out``, each replaced whole (a reader never sees half)."""
-    ensure_dir(out)
-    written = []
-    for name, text in ((REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n"), (REPORT_MD, markdown(report))):
-        path = out / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        written.append(path)
-    return written[0], written[1]
+    """``gpu-check.json`` and ``gpu-check.md`` in ``out``."""
+    return reports.write_pair(out / REPORT_JSON, report, markdown(report))
 
 
 def _fmt(value: Any, unit: str = "", digits: int = 1) -> str:

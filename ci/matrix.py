@@ -36,6 +36,7 @@ from typing import Any
 import click
 
 from ci import matrix_images as images
+from ci import reports
 from velollm_patch import demo_models, hardware, source
 from velollm_patch.errors import VelollmError, one_line, plain
 from velollm_patch.paths import Paths, ensure_dir, get_paths, python_site_dirs
@@ -260,13 +261,7 @@ def _duration(seconds: float) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    json_file = out_dir / "matrix.json"
-    md_file = out_dir / "matrix.md"
-    for path, text in ((json_file, json.dumps(report, indent=2) + "\n"), (md_file, markdown(report))):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return json_file, md_file
+    return reports.write_pair(out_dir / "matrix.json", report, markdown(report))
 
 
 # --- the run -------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from typing import Any
 
 import click
 
+from ci import reports
 from velollm_patch import builds, demo_models, hardware, proc, tune
 from velollm_patch.errors import VelollmError, plain
 from velollm_patch.paths import Paths, ensure_dir, get_paths
@@ -493,13 +494,7 @@ def _cell(text: str) -> str:
 
 
 def write_report(report: dict[str, Any], paths: Paths) -> tuple[Path, Path]:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    directory = ensure_dir(paths.ci_reports)
-    json_file = directory / f"{LANE}-{report['config']}-{stamp}.json"
-    md_file = json_file.with_suffix(".md")
-    json_file.write_text(json.dumps(report, indent=2) + "\n")
-    md_file.write_text(markdown(report))
-    return json_file, md_file
+    return reports.write_pair(reports.stamped(paths, f"{LANE}-{report['config']}"), report, markdown(report))
 
 
 # --- the lane -------------------------------------------------------------------------------------------
