@@ -27,8 +27,6 @@ import pytest
 
 from ci import upstream_server_tests as ust
 
-OUTCOMES_ENV = "VELOLLM_UST_OUTCOMES"
-
 
 def _offline_download(url: str, out: str | None = None, bar: object = None) -> str:
     raise RuntimeError(f"velollm upstream lane: no network, and no local substitute for {url}")
@@ -82,7 +80,7 @@ _recorder: _Recorder | None = None
 
 def pytest_configure(config: pytest.Config) -> None:
     global _recorder
-    path = os.environ.get(OUTCOMES_ENV)
+    path = os.environ.get(ust.OUTCOMES_ENV)
     if path:
         _recorder = _Recorder(Path(path))
 

@@ -42,7 +42,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -54,7 +53,7 @@ from typing import Any
 import click
 
 from ci import reports
-from velollm_patch import builds, demo_models, hardware, proc, tune
+from velollm_patch import builds, demo_models, hardware, proc, serve, tune
 from velollm_patch.errors import VelollmError, plain
 from velollm_patch.paths import Paths, ensure_dir, get_paths
 
@@ -303,7 +302,9 @@ def prepare_cache(paths: Paths, cache: Path) -> dict[str, str]:
     placed: dict[str, str] = {}
     fetched: dict[str, Path] = {}
     for sub in SUBSTITUTES:
-        model = fetched.setdefault(sub.model, demo_models.fetch_model(paths, sub.model))
+        if sub.model not in fetched:
+            fetched[sub.model] = demo_models.fetch_model(paths, sub.model)
+        model = fetched[sub.model]
         repo_dir = cache / ("models--" + sub.repo.replace("/", "--"))
         ensure_dir(repo_dir / "refs")
         (repo_dir / "refs" / "main").write_text(CACHE_COMMIT)
@@ -316,12 +317,6 @@ def prepare_cache(paths: Paths, cache: Path) -> dict[str, str]:
         (cache / name).symlink_to(model)
         placed[f"tmp/{name}"] = model.name
     return placed
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _clean_environ() -> dict[str, str]:
@@ -355,7 +350,7 @@ def run_suite(paths: Paths, build: builds.InstalledBuild, env: Mapping[str, str]
         **_clean_environ(), **env,
         "LLAMA_SERVER_BIN_PATH": str(binary),
         "LLAMA_CACHE": str(cache),
-        "PORT": str(_free_port()),
+        "PORT": str(serve.free_port()),
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
         OUTCOMES_ENV: str(outcomes),
     }
