@@ -48,6 +48,11 @@ FLAVOURS = {"vanilla": "none", "patched": "all"}  # the cell's word → velollm-
 CUDA_ARCH = "8.9"  # one arch: every CUDA kernel is compiled once per arch
 CUDA_HOME = Path("/usr/local/cuda")
 DEFAULT_TIMEOUT_S = 3 * 3600
+# --background: the cells' containers go under this cgroup, made idle (the kernel's cpu.idle, 5.15+: it runs
+# only when nothing else wants the CPU). docker's cpu_shares would not do it: a container's weight counts only
+# against its sibling containers, and all of them together weigh as much as one process outside.
+BACKGROUND_CGROUP = "velollm-ci-background"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 HOME_IN_CELL = "/velollm"
 REPO_IN_CELL = "/repo"
 
@@ -140,8 +145,9 @@ def snapshot_repo(dest: Path) -> Path:
 
 
 def run_cell(client: Any, cell: Cell, image: str, paths: Paths, src: source.Source, model: Path,
-             timeout: float, out_dir: Path, repo: Path) -> dict[str, Any]:
-    """Run one cell's container to its end or its timeout; its output goes to ``out_dir/<cell>.log``."""
+             timeout: float, out_dir: Path, repo: Path, background: bool = False) -> dict[str, Any]:
+    """Run one cell's container to its end or its timeout; its output goes to ``out_dir/<cell>.log``.
+    ``background``: the container runs in the idle cgroup that ``background_cgroup`` made."""
     home = paths.cache / "ci-matrix" / cell.name  # fresh per run: the build is compiled, not reused
     shutil.rmtree(home, ignore_errors=True)
     ensure_dir(home)
@@ -159,6 +165,7 @@ def run_cell(client: Any, cell: Cell, image: str, paths: Paths, src: source.Sour
     container = client.containers.run(
         image, command, detach=True, network_mode="none", working_dir=REPO_IN_CELL, environment=env,
         volumes=cell_mounts(cell, home, src, model, repo), name=f"velollm-ci-{cell.name}-{os.getpid()}",
+        cgroup_parent=f"/{BACKGROUND_CGROUP}" if background else None,
     )
     follower = threading.Thread(target=_follow, args=(container, cell.name, log_file), daemon=True)
     follower.start()
@@ -267,8 +274,27 @@ def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
 # --- the run -------------------------------------------------------------------------------------
 
 
-def run_matrix(cells: list[Cell], timeout: float, paths: Paths) -> dict[str, Any]:
+def background_cgroup(driver: str, root: Path = CGROUP_ROOT) -> Path:
+    """Make (or find) the idle cgroup the cells run in with ``--background``, for docker's cgroup ``driver``;
+    one plain error when the driver, the kernel, the cgroup layout or our rights do not allow it."""
+    v1 = root / "cpu"
+    group = (v1 if v1.is_dir() else root) / BACKGROUND_CGROUP
+    try:
+        if driver != "cgroupfs":
+            raise OSError(f"docker's cgroup driver is {driver or 'unknown'}, not cgroupfs")
+        group.mkdir(exist_ok=True)
+        (group / "cpu.idle").write_text("1\n")
+    except OSError as exc:
+        raise VelollmError(f"--background needs an idle cgroup at {group} (root, cgroupfs, Linux 5.15+) and "
+                           f"could not make it ({exc}); run without --background") from exc
+    return group
+
+
+def run_matrix(cells: list[Cell], timeout: float, paths: Paths, background: bool = False) -> dict[str, Any]:
     client = images.connect()
+    if background:
+        group = background_cgroup(client.info().get("CgroupDriver", ""))
+        print(f"cells run in the idle cgroup {group}: only on CPU time nothing else wants", flush=True)
     wanted_backends = [b for b in BACKENDS if any(c.backend == b for c in cells)]
     if "cuda" in wanted_backends and not (CUDA_HOME / "bin" / "nvcc").is_file():
         raise VelollmError(f"cuda cells mount the host's CUDA toolkit, and {CUDA_HOME}/bin/nvcc is not there: "
@@ -284,6 +310,7 @@ def run_matrix(cells: list[Cell], timeout: float, paths: Paths) -> dict[str, Any
         "lane": "matrix",
         "started": started_at.isoformat(timespec="seconds"),
         "timeout_s": timeout,
+        "background": background,
         "machine": {"cpu": hw.cpu.model, "logical_cores": hw.cpu.logical_cores,
                     "os": f"{hw.os} {platform.machine()}"},
         "images": tags,
@@ -295,7 +322,8 @@ def run_matrix(cells: list[Cell], timeout: float, paths: Paths) -> dict[str, Any
         for cell in cells:
             print(f"[{time.strftime('%H:%M:%S')}] cell {cell.name}", flush=True)
             src = source.fetch(cell.spec, paths)  # on the host: the containers have no network
-            record = run_cell(client, cell, tags[cell.backend], paths, src, model, timeout, out_dir, repo)
+            record = run_cell(client, cell, tags[cell.backend], paths, src, model, timeout, out_dir, repo,
+                              background)
             print(f"[{time.strftime('%H:%M:%S')}] cell {cell.name}: {record['result']} in "
                   f"{_duration(record['wall_seconds'])}" + (f" ({record['detail']})" if record.get("detail") else ""),
                   flush=True)
@@ -320,8 +348,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
               help="Seconds a cell may run; past it the cell is reported as timed out and the next one runs.")
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path),
               help="velollm home for sources, the model and the reports (VELOLLM_HOME); default: the user's.")
+@click.option("--background", is_flag=True,
+              help="Run the cells' containers in an idle cgroup: they take only the CPU time nothing else on the "
+                   "machine wants (cells take longer on a busy machine, and their times are not comparable).")
 @click.option("--list", "list_only", is_flag=True, help="Print the cells and exit.")
-def main(patterns: tuple[str, ...], timeout: float, home: Path | None, list_only: bool) -> None:
+def main(patterns: tuple[str, ...], timeout: float, home: Path | None, background: bool, list_only: bool) -> None:
     """Build and smoke-test pins × backends × {vanilla, patched} in clean Debian containers, and report."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -334,7 +365,7 @@ def main(patterns: tuple[str, ...], timeout: float, home: Path | None, list_only
         if list_only:
             print("\n".join(c.name for c in cells))
             return
-        report = run_matrix(cells, timeout, get_paths())
+        report = run_matrix(cells, timeout, get_paths(), background)
     except VelollmError as exc:
         print(f"error: {plain(str(exc), 8192)}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -235,3 +235,17 @@ def test_snapshot_leaves_git_and_caches_behind(tmp_path: Path) -> None:
     snapshot = matrix.snapshot_repo(tmp_path / "repo")
     assert (snapshot / "ci" / "matrix_cell.py").is_file() and (snapshot / "patches" / "llama.cpp").is_dir()
     assert not (snapshot / ".git").exists() and not list(snapshot.rglob("__pycache__"))
+
+
+def test_background_cgroup_is_made_idle(tmp_path: Path) -> None:
+    (tmp_path / "cpu").mkdir()  # cgroup v1's cpu hierarchy
+    group = matrix.background_cgroup("cgroupfs", root=tmp_path)
+    assert group == tmp_path / "cpu" / matrix.BACKGROUND_CGROUP
+    assert (group / "cpu.idle").read_text() == "1\n"
+    assert matrix.background_cgroup("cgroupfs", root=tmp_path) == group  # a second run finds it
+
+
+def test_background_needs_cgroupfs(tmp_path: Path) -> None:
+    with pytest.raises(VelollmError, match="cgroup driver is systemd.*run without --background"):
+        matrix.background_cgroup("systemd", root=tmp_path)
+    assert not (tmp_path / matrix.BACKGROUND_CGROUP).exists()
