@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from ci import gpu_check_models as gcm
 from tests.helpers import write_gguf
 from velollm_patch import serve
 from velollm_patch.builds import InstalledBuild
+from velollm_patch.errors import VelollmError
 from velollm_patch.model import inspect_model
+from velollm_patch.units import MiB
 
 
 class FakeClock:
@@ -43,7 +46,7 @@ def test_budget_gives_each_stage_what_it_asks_for_or_what_is_left() -> None:
     deadline.check("a request")
     clock.now += 6
     assert deadline.left() == 0
-    with pytest.raises(gc.VelollmError, match="out of time before a request"):
+    with pytest.raises(VelollmError, match="out of time before a request"):
         deadline.check("a request")
 
 
@@ -58,7 +61,7 @@ def test_a_stage_that_finishes_reports_its_data_and_one_that_raises_is_failed() 
 
     def raises(deadline: gc.Deadline, data: dict[str, Any]) -> None:
         data["measured"] = 1
-        raise gc.VelollmError("llama-server exited with code 1\nlast log lines")
+        raise VelollmError("llama-server exited with code 1\nlast log lines")
 
     failed = gc.run_stage("raises", raises, budget=budget, wanted_s=20, min_s=1)
     assert (failed.status, failed.detail, failed.data) == ("failed", "llama-server exited with code 1 last log lines",
@@ -153,9 +156,9 @@ def _report() -> dict[str, Any]:
         gc.StageResult("kv", "ok", 40, 75, data={
             "model": "synthetic-8b-q4_0.gguf", "fill_tokens": 4096, "preallocated_note": "fallback | noted",
             "device_memory_source": "NVML, per process",
-            "variants": {"on-demand": {"build": "patched", "idle": {"rss_bytes": 300 * gc.MiB, "device_bytes":
-                                       4500 * gc.MiB, "kv_reserved_bytes": 4096 * gc.MiB},
-                                       "filled": {"rss_bytes": 310 * gc.MiB, "kv_committed_bytes": 512 * gc.MiB}}}}),
+            "variants": {"on-demand": {"build": "patched", "idle": {"rss_bytes": 300 * MiB, "device_bytes":
+                                       4500 * MiB, "kv_reserved_bytes": 4096 * MiB},
+                                       "filled": {"rss_bytes": 310 * MiB, "kv_committed_bytes": 512 * MiB}}}}),
         gc.StageResult("spec", "ok", 60, 75, data={
             "target": "t.gguf", "draft": "d.gguf", "reps": 2, "prompts": 3, "n_predict": 128, "best_fixed": "fixed-4",
             "adaptive_vs_best_fixed": 1.05,
@@ -168,7 +171,7 @@ def _report() -> dict[str, Any]:
     return {"schema": gc.REPORT_SCHEMA, "gpu": "cuda", "created": "2026-12-07T12:00:00+00:00", "budget_s": 480,
             "elapsed_s": 470.0, "status": "incomplete", "source": "path:/tmp/src",
             "device": gc._device_summary({s.name: s for s in stages}),
-            "stages": [gc.asdict(s) for s in stages]}
+            "stages": [asdict(s) for s in stages]}
 
 
 def test_reports_are_one_json_and_one_markdown_with_every_section(tmp_path: Path) -> None:
@@ -246,8 +249,8 @@ def test_truncated_requantized_and_f16_copies_keep_the_weights(tmp_path: Path) -
 def test_layers_that_fit_grow_with_the_budget(tmp_path: Path) -> None:
     model = gcm.write_synthetic_llama(tmp_path / "tiny.gguf", gcm.SHAPES["tiny"], _tokenizer_source(tmp_path))
     assert gcm.q4_0_layers_that_fit(model, 1024) == 0
-    assert gcm.q4_0_layers_that_fit(model, 64 * gc.MiB) == 2
-    shared = 4 * gc.MiB + 2 * 300 * 256 // 32 * 18 + 256 * 4  # header allowance, token_embd + output, norm
+    assert gcm.q4_0_layers_that_fit(model, 64 * MiB) == 2
+    shared = 4 * MiB + 2 * 300 * 256 // 32 * 18 + 256 * 4  # header allowance, token_embd + output, norm
     per_layer = (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 512) // 32 * 18 + 2 * 256 * 4  # matrices, F32 norms
     assert gcm.q4_0_layers_that_fit(model, shared + per_layer) == 1
     assert gcm.q4_0_layers_that_fit(model, shared + per_layer - 1) == 0

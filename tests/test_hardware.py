@@ -18,7 +18,6 @@ from velollm_patch.errors import VelollmError
 from velollm_patch.hardware import (
     TOOL_NAMES,
     CPUInfo,
-    GiB,
     GPUInfo,
     HardwareInfo,
     MemoryInfo,
@@ -27,6 +26,7 @@ from velollm_patch.hardware import (
     Toolchain,
     VulkanDevice,
 )
+from velollm_patch.units import GiB
 
 DATA = Path(__file__).parent / "data" / "hardware"
 RECORDED = sorted(DATA.glob("*.json"))

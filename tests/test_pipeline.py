@@ -84,8 +84,8 @@ def test_builds_evaluate_small_batches(
     build: InstalledBuild = request.getfixturevalue(f"{flavour}_build")
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    cmd = [build.bin("llama-perplexity"), "-m", smollm2_gguf, "-f", text, "-c", "128", "-b", "128", "-ub", "4",
-           "--chunks", "1", "-t", "2"]  # fmt: skip
+    cmd: list[str | Path] = [build.bin("llama-perplexity"), "-m", smollm2_gguf, "-f", text, "-c", "128", "-b", "128",
+                             "-ub", "4", "--chunks", "1", "-t", "2"]  # fmt: skip
     output = proc.run(cmd, timeout=300).output  # a crash raises, with its exit status
     assert "Final estimate: PPL" in output
 

@@ -630,8 +630,11 @@ def test_a_modelfile_carries_the_plans_reasons(smollm2: ModelInfo, flags: Server
     given = TuneRequest(draft=str(write_gguf(tmp_path / "draft.gguf")))
     drafted = plan(target, recorded_hardware("cpu-2core"), facts(flags), given)
     on_gpu = plan(smollm2, recorded_hardware("rtx3060"), facts(flags, "cuda"))
-    for p, read in ((drafted, {"num_ctx": "ctx_per_slot", "num_thread": "threads", "draft": "spec_draft"}),
-                    (on_gpu, {"num_ctx": "ctx_per_slot", "num_thread": "threads", "num_gpu": "gpu_layers"})):
+    read_by: tuple[tuple[Plan, dict[str, ChoiceKey]], ...] = (
+        (drafted, {"num_ctx": "ctx_per_slot", "num_thread": "threads", "draft": "spec_draft"}),
+        (on_gpu, {"num_ctx": "ctx_per_slot", "num_thread": "threads", "num_gpu": "gpu_layers"}),
+    )
+    for p, read in read_by:
         noted = {c.key: c.reason for c in p.choices}
         _, reasons, _ = tuned_parameters(p)
         assert {name: reasons[name] for name in read} == {name: noted[key] for name, key in read.items()}
