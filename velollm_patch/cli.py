@@ -17,6 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 
 from velollm_patch import __version__, builds, demo_models, hardware, patches, rebase, serve, source, terminal, tune
 from velollm_patch.build import GPU_CHOICES, TARGETS, BuildOptions, ProgressCallback, plan_build, run_build
+from velollm_patch.calibrate import measure as measure_speed
+from velollm_patch.calibrate import preflight
+from velollm_patch.calibrate import save as save_calibration
 from velollm_patch.errors import VelollmError, plain
 from velollm_patch.model import inspect_model
 from velollm_patch.model_ref import resolve_model
@@ -25,6 +28,7 @@ from velollm_patch.paths import get_paths
 console = terminal.stderr
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 # An error names what the user gave (a path can be PATH_MAX long) and quotes files only in short excerpts;
 # this bound is the last guard that one line stays one readable line.
 _ERROR_LIMIT = 8192
@@ -278,7 +282,7 @@ def build(
     click.echo(f"installed {installed.build_id} at {installed.directory}")
 
 
-def _run_with_progress(job: Callable[[ProgressCallback], builds.InstalledBuild]) -> builds.InstalledBuild:
+def _run_with_progress(job: Callable[[ProgressCallback], T]) -> T:
     with Progress(
         terminal.plain_column("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=False,
@@ -451,17 +455,29 @@ def inspect_cmd(model: str, ctx: int | None, slots: int, as_json: bool) -> None:
 @main.command("tune")
 @click.argument("model")
 @_plan_options
+@click.option("--measure", is_flag=True, help=(
+    "First measure threads, --poll, ubatch, flash attention, KV types and repacking with the build's llama-bench "
+    "(a minute or two); kept for this build, model and machine, and used by every later plan."
+))
 @click.option("--env", "as_env", is_flag=True, help="Print the plan as LLAMA_ARG_* exports.")
 @click.option("--json", "as_json", is_flag=True)
 def tune_cmd(
     model: str, profile: str, workload: str, ctx: int | None, slots: int | None, draft: str,
-    draft_dirs: tuple[Path, ...], build_id: str, as_env: bool, as_json: bool,
+    draft_dirs: tuple[Path, ...], build_id: str, measure: bool, as_env: bool, as_json: bool,
 ) -> None:
-    """Plan llama-server settings for MODEL on this machine and the installed build, with reasons."""
+    """Plan llama-server settings for MODEL on this machine and the installed build, with reasons (measured ones
+    where `tune --measure` has measured them)."""
     paths = get_paths()
     hw = hardware.detect(build_dir=paths.cache)
     request = tune.TuneRequest(profile, workload, ctx, slots, draft, draft_dirs)
-    plan = tune.plan_for(model, hw, builds.find_build(paths, build_id), paths, request)
+    build = builds.find_build(paths, build_id)
+    plan = tune.plan_for(model, hw, build, paths, request)  # a model that cannot be served fails before measuring
+    if measure:
+        preflight(build, plan.model, hw)
+        measured = _run_with_progress(lambda progress: measure_speed(build, plan.model, hw, progress))
+        saved = save_calibration(paths, measured)
+        console.print(f"measured in {measured.duration_s:.0f} s; kept in {saved}")
+        plan = tune.plan_for(model, hw, build, paths, request)
     if as_json:
         _emit_json(plan.to_dict())
     elif as_env:

@@ -61,6 +61,11 @@ class Paths:
         return self.cache / "work"
 
     @property
+    def calibrations(self) -> Path:
+        """Speed calibrations (``tune --measure``), one file per build x model."""
+        return self.cache / "calibrations"
+
+    @property
     def locks(self) -> Path:
         return self.cache / "locks"
 

@@ -28,8 +28,9 @@ from typing import Any, Literal
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from velollm_patch import proc, serve
+from velollm_patch import calibrate, proc, serve
 from velollm_patch.builds import InstalledBuild
+from velollm_patch.calibrate import Calibration
 from velollm_patch.drafts import DraftCandidate, draft_compatibility, find_draft_candidates
 from velollm_patch.errors import VelollmError
 from velollm_patch.hardware import GPUInfo, HardwareInfo
@@ -192,6 +193,7 @@ ChoiceKey = Literal[
     "backend", "threads", "ctx_per_slot", "slots", "ctx_total", "flash_attn", "batch", "ctx_checkpoints",
     "cache_ram", "load_mode", "lazy_embeddings", "kv_on_demand", "kv_types", "gpu_layers", "speculation",
     "spec_ngram", "spec_draft", "spec_draft_p_min", "spec_adaptive", "spec_adaptive_min", "spec_batch_invariant",
+    "poll", "repack",
 ]
 """The decisions the planner explains. Typed so that mypy ties the key a reason is read by (a Modelfile's
 comments) to the key it is noted under: a key renamed on one side only is a type error."""
@@ -245,6 +247,10 @@ class Settings:
     """``--load-mode none``: weights are read into memory instead of mapped (planned when weights are repacked)."""
     lazy_embeddings: bool = False
     """``--lazy-mode embd`` (patch lazy-token-embd): the token embedding stays mapped, its rows read on demand."""
+    poll: int | None = None
+    """``--poll``, as measured by ``tune --measure``; None: the server's default."""
+    repack: bool = True
+    """Weights repacked for this CPU (the server's default); False (``--no-repack``) only where measured faster."""
 
 
 @dataclass(frozen=True)
@@ -298,6 +304,27 @@ class Plan:
     memory: MemoryEstimate
     not_applied: tuple[str, ...] = field(default=())
     """Choices this llama-server has no flag for (upstream renamed or removed it)."""
+    calibration: Calibration | None = None
+    """The speed calibration (``tune --measure``) the plan used: its prediction is the plan's."""
+
+    def predicted(self) -> dict[str, Any] | None:
+        """Tokens/s one request should see with this plan, from the calibration; None without one. ``differs``
+        names the settings of the plan that are not those measured (the prediction is then for those)."""
+        cal = self.calibration
+        if cal is None:
+            return None
+        s, c = self.settings, cal.chosen
+        planned = {
+            "threads": (s.threads, c.threads), "threads_batch": (s.threads_batch, cal.threads_batch),
+            "ubatch": (s.ubatch, c.ubatch), "flash_attn": (s.flash_attn, c.flash_attn),
+            "kv_types": (f"{s.cache_type_k}/{s.cache_type_v}", f"{c.type_k}/{c.type_v}"),
+            "repack": (s.repack, c.repack),
+        }
+        return {
+            "decode_tps": cal.decode_tps, "prompt_tps": cal.prompt_tps, "prompt_tokens": cal.prompt_tokens,
+            "gen_tokens": cal.gen_tokens, "measured": cal.created,
+            "differs": [f"{k} {mine} (measured {theirs})" for k, (mine, theirs) in planned.items() if mine != theirs],
+        }
 
     def reason(self, key: ChoiceKey) -> str:
         """Why the planner chose what it did for ``key``; KeyError when the plan made no such choice."""
@@ -335,6 +362,7 @@ class Plan:
             "choices": [asdict(c) for c in self.choices],
             "memory": self.memory.to_dict(),
             "not_applied": list(self.not_applied),
+            **({"predicted": self.predicted()} if self.calibration else {}),
         }
 
     def describe(self) -> list[str]:
@@ -354,6 +382,15 @@ class Plan:
         lines.append(f"  memory: {parts} = {_mib(m.total_bytes)} ({where}; by {m.method})")
         if m.kv_on_demand:
             lines.append("          KV is committed on demand: an idle server holds far less than the KV figure")
+        predicted = self.predicted()
+        if predicted is not None:
+            lines.append(
+                f"  predicted: decode {predicted['decode_tps']:.0f} tok/s, prompts {predicted['prompt_tps']:.0f} tok/s "
+                f"(one request, a {predicted['prompt_tokens']}-token prompt; measured {predicted['measured']})"
+            )
+            if predicted["differs"]:
+                differs = ", ".join(predicted["differs"])
+                lines.append(f"          for the measured settings; this plan differs: {differs}")
         lines.append(f"  command: {self.command()}")
         return lines
 
@@ -552,11 +589,16 @@ def _spec_types(flags: ServerFlags) -> tuple[str, ...]:
 class _ServerPlanner:
     """Plans llama-server's settings for one model on one machine and build (ollama/config.py plans Ollama's)."""
 
-    def __init__(self, model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneRequest) -> None:
+    def __init__(
+        self, model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneRequest,
+        calibration: Calibration | None = None,
+    ) -> None:
         self.model = model
         self.hw = hw
         self.build = build
         self.req = request
+        self.calibration = calibration
+        """What ``tune --measure`` measured here: its values replace the guesses for the knobs it measured."""
         self.choices: list[Choice] = []
 
     def note(self, key: ChoiceKey, value: object, reason: str) -> None:
@@ -676,6 +718,12 @@ class _ServerPlanner:
         return total, True
 
     def flash_attention(self, backend: str) -> bool:
+        cal = self.calibration
+        if cal is not None and (why := cal.evidence("flash_attn", "-fa on" if cal.chosen.flash_attn else "-fa off")):
+            if not cal.chosen.flash_attn:
+                why += "; without it V stays f16 and KV is allocated at start-up"
+            self.note("flash_attn", "on" if cal.chosen.flash_attn else "off", why)
+            return cal.chosen.flash_attn
         if backend == "cpu":
             # Off would decode faster at long context on the CPU kernel, but prompts process slower and short
             # contexts decode slower: over the bench suite it lost (docs/benchmarks/tuner.md, flash attention).
@@ -686,7 +734,13 @@ class _ServerPlanner:
         return True
 
     def batches(self, backend: str) -> tuple[int, int]:
-        if self.req.profile == "memory":
+        cal = self.calibration
+        measured = cal.evidence("ubatch", f"-ub {cal.chosen.ubatch}", "prompt") if cal is not None else None
+        if cal is not None and measured is not None:
+            ub, why = cal.chosen.ubatch, measured
+            if self.req.profile == "memory" and ub > 256:
+                ub, why = 256, f"a smaller ubatch halves the compute buffer (the fastest, {measured})"
+        elif self.req.profile == "memory":
             ub, why = 256, "a smaller ubatch halves the compute buffer; prompts process a little slower"
         elif backend in ("cuda", "rocm") and self.device_budget() >= 16 * GiB:
             ub, why = 1024, "a large GPU processes 1024-token ubatches faster, and has room for the buffer"
@@ -788,7 +842,7 @@ class _ServerPlanner:
         does, the smallest allowed one (on a GPU it lets the most layers stay on the device)."""
         rejected: list[str] = []
         fallback: tuple[str, str, str] | None = None
-        for (k, v), why in _kv_candidates(self.req.profile, backend):
+        for (k, v), why in self._measured_kv_order(_kv_candidates(self.req.profile, backend)):
             problem = kv_pair_problem(
                 self.model, backend, k, v, flash_attn=flash_attn, fa_kv_pairs=self.build.fa_kv_pairs,
             )
@@ -803,6 +857,45 @@ class _ServerPlanner:
         if fallback is None:
             raise VelollmError(f"no KV cache type pair is usable for {self.model.name} on {backend}: {rejected}")
         return fallback
+
+    def _measured_kv_order(
+        self, candidates: list[tuple[tuple[str, str], str]]
+    ) -> list[tuple[tuple[str, str], str]]:
+        """With a calibration, the speed and balanced profiles try the pair measured fastest first; the reason
+        of each measured pair cites the measurement."""
+        cal = self.calibration
+        if cal is None:
+            return candidates
+        fastest = (cal.chosen.type_k, cal.chosen.type_v)
+        cited = []
+        for pair, why in candidates:
+            measured = cal.evidence("kv_types", "/".join(pair))
+            cited.append((pair, f"{why}; {measured}" if measured else why))
+        if self.req.profile in ("speed", "balanced") and cal.evidence("kv_types", "/".join(fastest)):
+            cited.sort(key=lambda candidate: candidate[0] != fastest)
+        return cited
+
+    def measured_threads(self, cal: Calibration) -> tuple[int, int]:
+        """The decode and prompt threads ``tune --measure`` found fastest (kept apart from :meth:`threads`,
+        the guess without a measurement)."""
+        threads, batch = cal.chosen.threads, cal.threads_batch
+        decode = cal.evidence("threads", f"-t {threads}", "decode") or "measured"
+        prompt = (cal.evidence("threads", f"-t {batch}", "prompt") or "").removeprefix("measured: ")
+        self.note("threads", f"-t {threads} -tb {batch}", f"{decode}; {prompt}" if prompt else decode)
+        return threads, batch
+
+    def measured_switches(self, cal: Calibration) -> tuple[int | None, bool]:
+        """``--poll`` and weight repacking as measured (the server's defaults where not measured)."""
+        poll: int | None = None
+        if self.build.flags.accepts("--poll") and (why := cal.evidence("poll", f"--poll {cal.chosen.poll}")):
+            poll = cal.chosen.poll
+            self.note("poll", poll, why)
+        repack = True
+        if self.build.flags.accepts("--no-repack") and (why := cal.evidence("repack", "on" if cal.chosen.repack
+                                                                             else "off")):
+            repack = cal.chosen.repack
+            self.note("repack", "on" if repack else "off", why)
+        return poll, repack
 
     def speculation(self) -> Speculation | None:
         req, flags = self.req, self.build.flags
@@ -897,6 +990,7 @@ def _arg_table(s: Settings) -> list[tuple[str, tuple[str, ...], str | None]]:
     rows: list[tuple[str, tuple[str, ...], str | None]] = [
         ("threads", ("--threads", "-t"), str(s.threads)),
         ("threads_batch", ("--threads-batch", "-tb"), str(s.threads_batch)),
+        *([("poll", ("--poll",), str(s.poll))] if s.poll is not None else []),
         ("ctx_total", ("--ctx-size", "-c"), str(s.ctx_total)),
         ("slots", ("--parallel", "-np"), str(s.slots)),
     ]
@@ -921,6 +1015,8 @@ def _arg_table(s: Settings) -> list[tuple[str, tuple[str, ...], str | None]]:
         rows.append(("kv_on_demand", ("--kv-on-demand",), None))
     if s.cache_ram_mib is not None:
         rows.append(("cache_ram", ("--cache-ram", "-cram"), str(s.cache_ram_mib)))
+    if not s.repack:
+        rows.append(("repack", ("--no-repack", "-nr"), None))
     if s.load_mode_none:
         rows.append(("load_mode", ("--load-mode", "-lm"), "none"))
     if s.lazy_embeddings:
@@ -985,6 +1081,8 @@ def _fit_wanted(s: Settings) -> list[tuple[str, str | None]]:
     ]
     if s.kv_unified and s.slots > 1:
         wanted.append(("-kvu", None))
+    if not s.repack:
+        wanted.append(("--no-repack", None))
     if s.gpu_layers is not None:
         wanted.append(("-ngl", str(s.gpu_layers)))
     if s.tensor_split:
@@ -1121,8 +1219,8 @@ def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: 
         weights += repack
         host += 2 * repack
         originals = repack
-        tied = repacked_tied_output_bytes(build, model)
-        widened = widened_q5_0_extra_bytes(build, model)
+        tied = repacked_tied_output_bytes(build, model) if s.repack else 0
+        widened = widened_q5_0_extra_bytes(build, model) if s.repack else 0
         repack += tied + widened
         host += tied + widened  # a tied original stays mapped for the embedding lookup: it is in the weights
     draft = _draft_bytes(s)
@@ -1142,11 +1240,15 @@ def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: 
     )
 
 
-def plan(model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneRequest | None = None) -> Plan:
-    """Choose every knob for serving ``model`` on ``hw`` with ``build``; every choice carries its reason."""
+def plan(
+    model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneRequest | None = None,
+    calibration: Calibration | None = None,
+) -> Plan:
+    """Choose every knob for serving ``model`` on ``hw`` with ``build``; every choice carries its reason. With a
+    ``calibration`` (``tune --measure``), the knobs it measured take its values and the plan predicts tokens/s."""
     req = request or TuneRequest()
     req.validate()
-    p = _ServerPlanner(model, hw, build, req)
+    p = _ServerPlanner(model, hw, build, req, calibration)
     backend = p.backend()
     ctx, slots = p.context()
     flash_attn = p.flash_attention(backend)
@@ -1186,7 +1288,12 @@ def plan(model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneReq
     all_on_gpu = False
     if backend != "cpu":
         settings, all_on_gpu = _offload(p, model, settings, fits(type_k, type_v))
-    threads, threads_batch = p.threads(backend, all_on_gpu)
+    if calibration is not None:
+        threads, threads_batch = p.measured_threads(calibration)
+        poll, repack = p.measured_switches(calibration)
+        settings = replace(settings, poll=poll, repack=repack)
+    else:
+        threads, threads_batch = p.threads(backend, all_on_gpu)
     settings = replace(settings, threads=threads, threads_batch=threads_batch)
     memory = None
     if build.fit_params is not None:
@@ -1204,6 +1311,7 @@ def plan(model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneReq
     return Plan(
         model=model, build_id=build.build_id, backend=backend, profile=req.profile, workload=req.workload,
         settings=settings, args=args, env=env, choices=tuple(p.choices), memory=memory, not_applied=missing,
+        calibration=calibration,
     )
 
 
@@ -1304,7 +1412,8 @@ def plan_for(
     """The CLI's entry: resolve the model (see :func:`~velollm_patch.model_ref.resolve_model`), read the build's
     facts, plan."""
     info = inspect_model(resolve_model(paths, model_ref))
-    return plan(info, hw, BuildFacts.from_build(build, paths), request)
+    calibration = calibrate.load(paths, calibrate.CalibrationKey.create(build, info.path, hw))
+    return plan(info, hw, BuildFacts.from_build(build, paths), request, calibration)
 
 
 def shell_env(env: dict[str, str]) -> list[str]:
