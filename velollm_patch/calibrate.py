@@ -55,6 +55,8 @@ DEFAULT_POLL = 50
 DEFAULT_UBATCH = 512
 POLL_CANDIDATES = (DEFAULT_POLL, 0)
 UBATCH_CANDIDATES = (DEFAULT_UBATCH, 256, 128)
+# A load average above this share of the hardware threads, before measuring, means other programs compete.
+BUSY_LOAD = 0.5
 # One llama-bench run loads the model and runs a few short tests; a model that needs longer is not one a
 # calibration of minutes can measure.
 BENCH_TIMEOUT_S = 600
@@ -379,6 +381,12 @@ def measure(
     written: :func:`save` keeps the result."""
     binary = preflight(build, model, hw)
     key = CalibrationKey.create(build, model.path, hw)
+    load = os.getloadavg()[0]
+    if load > BUSY_LOAD * hw.cpu.logical_cores:
+        # Spinning threads of two programs slow each other several times over: the figures would be the busy
+        # machine's, and the threads chosen fewer than a quiet machine wants.
+        log.warning("note: the machine is busy (load %.1f on %d threads); the calibration measures it as it is",
+                    load, hw.cpu.logical_cores)
     threads = thread_candidates(hw)
     quantized_kv = model.head_dims_allow_quantized_kv()
     total = len(threads) + len(POLL_CANDIDATES) + len(UBATCH_CANDIDATES) + 2 + (2 if quantized_kv else 0) + 2 + 1
