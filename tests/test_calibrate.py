@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.helpers import recorded_hardware
+from tests.helpers import recorded_hardware, run_result
 from velollm_patch import calibrate, tune
 from velollm_patch.builds import InstalledBuild, read_build
 from velollm_patch.calibrate import BenchPoint, Calibration, CalibrationKey, Measurement
@@ -225,6 +225,17 @@ def test_plan_for_reads_the_cache(store: Paths, patched_build: InstalledBuild, s
     calibrate.save(store, calibration(key, threads=1, threads_batch=1))
     tuned = tune.plan_for(str(smollm2_gguf), live_hardware, patched_build, store, TuneRequest())
     assert tuned.calibration is not None and tuned.reason("threads").startswith("measured: -t 1")
+
+
+def test_the_prediction_is_checked_against_a_bench_run(smollm2_gguf: Path) -> None:
+    """Decoding at the single request with the shortest prompt, prompts at the one nearest the calibration's."""
+    run = run_result("tuned", 100.0)
+    checked = calibrate.check_against_bench(calibration(key_for(smollm2_gguf)), run.scenarios)
+    assert checked == (
+        "decode 181 tok/s predicted, 105 in short (x0.58); "
+        "prompts 910 tok/s predicted at 512 tokens, 1050 in short at 100 (x1.15)"
+    )
+    assert calibrate.check_against_bench(calibration(key_for(smollm2_gguf)), []) is None
 
 
 # --------------------------------------------------------------------------------------------

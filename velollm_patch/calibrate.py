@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from velollm_patch import proc
+from velollm_patch.bench.metrics import ScenarioResult
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.errors import VelollmError
 from velollm_patch.hardware import HardwareInfo
@@ -440,3 +442,33 @@ def measure(
         decode_tps=round(decode_tps, 1), prompt_tps=round(prompt_tps, 1), prompt_tokens=PROMPT_TOKENS,
         gen_tokens=GEN_TOKENS, repeats=REPEATS, table=tuple(table),
     )
+
+
+def check_against_bench(calibration: Calibration, scenarios: Sequence[ScenarioResult]) -> str | None:
+    """How close a bench run of the calibrated plan came to the prediction: decoding at the single request with the
+    shortest prompt, prompts at the single request whose prompt is nearest the calibration's; None when the run
+    has no single request."""
+    single = [
+        (scenario.name, point) for scenario in scenarios for point in scenario.points
+        if point.samples and (scenario.name != "concurrency" or point.param == 1)
+    ]
+    if not single:
+        return None
+
+    def prompt_tokens(entry: tuple[str, Any]) -> float:
+        stats = entry[1].stats("prompt_tokens")
+        return float(stats.median) if stats else math.inf
+
+    parts = []
+    name, point = min(single, key=prompt_tokens)
+    decode = point.headline().get("decode_tps")
+    if decode:
+        parts.append(f"decode {calibration.decode_tps:.0f} tok/s predicted, {decode:.0f} in {name} "
+                     f"(x{decode / calibration.decode_tps:.2f})")
+    name, point = min(single, key=lambda entry: abs(prompt_tokens(entry) - calibration.prompt_tokens))
+    prompt = point.headline().get("prompt_tps")
+    if prompt:
+        ratio = prompt / calibration.prompt_tps
+        parts.append(f"prompts {calibration.prompt_tps:.0f} tok/s predicted at {calibration.prompt_tokens} tokens, "
+                     f"{prompt:.0f} in {name} at {prompt_tokens((name, point)):.0f} (x{ratio:.2f})")
+    return "; ".join(parts) or None

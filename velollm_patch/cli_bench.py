@@ -43,6 +43,7 @@ from velollm_patch.bench.runner import (
 from velollm_patch.bench.scenarios import Scenario, parse_names
 from velollm_patch.bench.targets import TargetSpec, open_target, parse_target
 from velollm_patch.builds import find_build
+from velollm_patch.calibrate import check_against_bench
 from velollm_patch.errors import VelollmError
 from velollm_patch.model_ref import resolve_model
 from velollm_patch.paths import get_paths
@@ -133,9 +134,11 @@ def _tuned_option(ctx: click.Context, param: click.Parameter, value: str | None)
     return workload, profile or "balanced"
 
 
-def _spec(text: str, model: str | None, args: str | None, tuned: tuple[str, str] | None = None) -> TargetSpec:
-    """The target as given; with ``tuned`` (workload, profile), a build started with the tuner's plan for
-    this machine, the model and that build (the plan's flags first, then ``args``)."""
+def _spec(
+    text: str, model: str | None, args: str | None, tuned: tuple[str, str] | None = None
+) -> tuple[TargetSpec, tune.Plan | None]:
+    """The target as given, and the plan; with ``tuned`` (workload, profile), a build started with the tuner's plan
+    for this machine, the model and that build (the plan's flags first, then ``args``)."""
     server_args = tuple(shlex.split(args)) if args else ()
     parsed = parse_target(text)
     build = find_build(get_paths(), parsed.ref) if parsed.kind == "build" else None  # fails before a download
@@ -145,12 +148,13 @@ def _spec(text: str, model: str | None, args: str | None, tuned: tuple[str, str]
         model = str(resolve_model(get_paths(), model))
     tuned_label = tuned and ("tuned:" + tuned[0] + ("" if tuned[1] == "balanced" else f":{tuned[1]}"))
     label = " ".join(part for part in (text, tuned_label, shlex.join(server_args)) if part)
+    plan = None
     if tuned and build is not None and model is not None:
         paths = get_paths()
         hw = hardware.detect(build_dir=paths.cache)
         plan = tune.plan_for(model, hw, build, paths, tune.TuneRequest(workload=tuned[0], profile=tuned[1]))
         server_args = (*plan.args, *server_args)
-    return parse_target(text, model=model, server_args=server_args, label=label)
+    return parse_target(text, model=model, server_args=server_args, label=label), plan
 
 
 def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -257,12 +261,17 @@ def bench_run(target: str, server_args: str | None, tuned: tuple[str, str] | Non
     running llama-server or OpenAI-compatible server) or ollama:http://HOST:PORT.
     """
     config = _config(options)
-    spec = _spec(target, options["model"], server_args, tuned)
+    spec, plan = _spec(target, options["model"], server_args, tuned)
     opened = open_target(spec, get_paths(), request_timeout=config.request_timeout)
     hw = _hardware()
     with _display() as display:
         result = run_bench(opened, config, hardware=hw, progress=RichProgress(display))
     _save(result, options["out"], not options["no_charts"])
+    if plan is not None and plan.calibration is not None and not server_args:
+        # The prediction is for the plan's flags; with more flags it is not this run's.
+        checked = check_against_bench(plan.calibration, result.scenarios)
+        if checked:
+            console.print(f"tune --measure predicted {checked}")
     _finish(result, options["as_json"])
 
 
@@ -290,8 +299,8 @@ def bench_ab(
     config = _config(options)
     joined_a = " ".join(a for a in (server_args, a_args) if a) or None
     joined_b = " ".join(a for a in (server_args, b_args) if a) or None
-    spec_a = _spec(target_a, options["model"], joined_a, a_tuned)
-    spec_b = _spec(target_b, options["model"], joined_b, b_tuned)
+    spec_a, _ = _spec(target_a, options["model"], joined_a, a_tuned)
+    spec_b, _ = _spec(target_b, options["model"], joined_b, b_tuned)
     if spec_a.label == spec_b.label:
         raise VelollmError("A and B are the same target with the same flags: use other builds or --a-args/--b-args")
     paths = get_paths()
