@@ -227,6 +227,22 @@ def test_plan_for_reads_the_cache(store: Paths, patched_build: InstalledBuild, s
     assert tuned.calibration is not None and tuned.reason("threads").startswith("measured: -t 1")
 
 
+def test_a_setting_replaces_the_default_only_when_clearly_faster() -> None:
+    """Faster by more than 5 % and by more than the two spreads; for knobs that serve both, no slower at either."""
+    point = BenchPoint(threads=2)
+
+    def row(pp: float, tg: float, sd: float = 1.0) -> Measurement:
+        return Measurement("poll", f"{pp}/{tg}", point, pp, tg, sd, sd)
+
+    default = row(1000, 100)
+    assert calibrate._choose([default, row(1040, 104)], "both") is default  # within 5 %
+    assert calibrate._choose([default, row(1100, 100)], "both").prompt_tps == 1100
+    assert calibrate._choose([default, row(1100, 100, sd=120)], "both") is default  # within the spreads
+    assert calibrate._choose([default, row(1300, 90)], "both") is default  # slower at decoding
+    assert calibrate._choose([default, row(1300, 90)], "prompt").prompt_tps == 1300
+    assert calibrate._choose([default, row(900, 120), row(900, 140)], "decode").decode_tps == 140
+
+
 def test_the_prediction_is_checked_against_a_bench_run(smollm2_gguf: Path) -> None:
     """Decoding at the single request with the shortest prompt, prompts at the one nearest the calibration's."""
     run = run_result("tuned", 100.0)

@@ -142,6 +142,9 @@ class Measurement:
     point: BenchPoint
     prompt_tps: float | None
     decode_tps: float | None
+    prompt_sd: float = 0.0
+    """The standard deviation of the repetitions (llama-bench's ``stddev_ts``)."""
+    decode_sd: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -306,22 +309,29 @@ class _Bench:
         self.total = total
         self.done = 0
 
-    def measure(self, what: str, point: BenchPoint, batch_threads: int, *, prompt: bool = True,
-                decode: bool = True) -> tuple[float | None, float | None]:
-        """(prompt tok/s, decode tok/s) of ``point``, prompts with ``batch_threads`` (as the server runs them)."""
+    def measure(self, knob: Knob, value: str, point: BenchPoint, batch_threads: int, *, prompt: bool = True,
+                decode: bool = True) -> Measurement:
+        """``point``'s prompt and decode rates, prompts with ``batch_threads`` (as the server runs them)."""
+        what = "the chosen settings" if knob == "final" else f"{knob} {value}"
         if self.progress:
             self.progress(f"measuring {what}", self.done, self.total)
         if prompt and decode and point.threads == batch_threads:
             rates = self._run(what, point, prompt=True, decode=True)
         else:
-            batch_point = replace(point, threads=batch_threads)
-            pp = self._run(what, batch_point, prompt=True, decode=False)[0] if prompt else None
-            tg = self._run(what, point, prompt=False, decode=True)[1] if decode else None
-            rates = (pp, tg)
+            rates = {}
+            if prompt:
+                rates.update(self._run(what, replace(point, threads=batch_threads), prompt=True, decode=False))
+            if decode:
+                rates.update(self._run(what, point, prompt=False, decode=True))
         self.done += 1
-        return rates
+        pp, tg = rates.get("prompt"), rates.get("decode")
+        return Measurement(
+            knob, value, point, pp[0] if pp else None, tg[0] if tg else None, pp[1] if pp else 0.0,
+            tg[1] if tg else 0.0,
+        )
 
-    def _run(self, what: str, point: BenchPoint, *, prompt: bool, decode: bool) -> tuple[float | None, float | None]:
+    def _run(self, what: str, point: BenchPoint, *, prompt: bool, decode: bool) -> dict[str, tuple[float, float]]:
+        """``prompt`` and/or ``decode``: (mean, standard deviation) tokens/s over the repetitions."""
         argv = [
             str(self.binary), "-m", str(self.model), *point.args(),
             "-p", str(PROMPT_TOKENS if prompt else 0), "-n", str(GEN_TOKENS if decode else 0),
@@ -332,9 +342,12 @@ class _Bench:
         if result.returncode != 0 or not rows:
             last = result.tail(1).strip() or "no output"
             raise VelollmError(f"llama-bench failed measuring {what} (exit {result.returncode}): {last}")
-        pp = next((float(r["avg_ts"]) for r in rows if r.get("n_prompt") and not r.get("n_gen")), None)
-        tg = next((float(r["avg_ts"]) for r in rows if r.get("n_gen") and not r.get("n_prompt")), None)
-        return pp, tg
+        rates = {}
+        for row in rows:
+            test = "prompt" if row.get("n_prompt") and not row.get("n_gen") else "decode" if row.get("n_gen") else None
+            if test:
+                rates[test] = (float(row["avg_ts"]), float(row.get("stddev_ts") or 0.0))
+        return rates
 
 
 def _parse_rows(output: str) -> list[dict[str, Any]]:
@@ -353,13 +366,17 @@ Metric = Literal["decode", "prompt", "both"]
 
 
 def _wins(candidate: Measurement, best: Measurement, metric: Metric) -> bool:
-    """Whether ``candidate`` clearly beats ``best``: by more than the noise at ``metric``; with ``both``, at one
-    of the two rates and no slower at the other."""
-    def gain(a: float | None, b: float | None) -> float:
-        return a / b - 1 if a and b else 0.0
+    """Whether ``candidate`` clearly beats ``best`` at ``metric``: faster by more than :data:`TIE_FRACTION` and
+    by more than the two spreads together; with ``both``, clearly at one of the two rates and no slower (beyond
+    the tie) at the other."""
+    def gain(a: float | None, a_sd: float, b: float | None, b_sd: float) -> float:
+        """The gain, 0 when the difference is within the spreads (or a rate is missing)."""
+        if not a or not b or abs(a - b) <= a_sd + b_sd:
+            return 0.0
+        return a / b - 1
 
-    pp = gain(candidate.prompt_tps, best.prompt_tps)
-    tg = gain(candidate.decode_tps, best.decode_tps)
+    pp = gain(candidate.prompt_tps, candidate.prompt_sd, best.prompt_tps, best.prompt_sd)
+    tg = gain(candidate.decode_tps, candidate.decode_sd, best.decode_tps, best.decode_sd)
     if metric == "prompt":
         return pp > TIE_FRACTION
     if metric == "decode":
@@ -398,19 +415,12 @@ def measure(
 
     def stage(knob: Knob, options: Sequence[tuple[str, BenchPoint]], batch_threads: int, metric: Metric,
               ) -> Measurement:
-        rows = []
-        for value, point in options:
-            pp, tg = bench.measure(f"{knob} {value}", point, batch_threads, decode=metric != "prompt")
-            rows.append(Measurement(knob, value, point, pp, tg))
+        rows = [bench.measure(knob, value, point, batch_threads, decode=metric != "prompt") for value, point in options]
         table.extend(rows)
         return _choose(rows, metric)
 
     # Threads: each count for decoding and prompts alike; the two are chosen apart (the server's -t and -tb).
-    by_threads = [(f"-t {n}", BenchPoint(threads=n)) for n in threads]
-    rows = []
-    for value, point in by_threads:
-        pp, tg = bench.measure(f"threads {value}", point, point.threads)
-        rows.append(Measurement("threads", value, point, pp, tg))
+    rows = [bench.measure("threads", f"-t {n}", BenchPoint(threads=n), n) for n in threads]
     table.extend(rows)
     point = _choose(rows, "decode").point
     batch_threads = _choose(rows, "prompt").point.threads
@@ -430,8 +440,9 @@ def measure(
     point = stage("repack", [("on", replace(point, repack=True)), ("off", replace(point, repack=False))],
                   batch_threads, "both").point
     # The chosen settings once more, as the server will run them: the plan's prediction.
-    prompt_tps, decode_tps = bench.measure("the chosen settings", point, batch_threads)
-    table.append(Measurement("final", "chosen", point, prompt_tps, decode_tps))
+    final = bench.measure("final", "chosen", point, batch_threads)
+    table.append(final)
+    prompt_tps, decode_tps = final.prompt_tps, final.decode_tps
     if progress:
         progress("measured", bench.total, bench.total)
     if decode_tps is None or prompt_tps is None:
