@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.helpers import recorded_hardware, run_result
-from velollm_patch import calibrate, tune
+from velollm_patch import calibrate, serve, tune
 from velollm_patch.builds import InstalledBuild, read_build
 from velollm_patch.calibrate import BenchPoint, Calibration, CalibrationKey, Measurement
 from velollm_patch.cli import main
@@ -360,3 +360,19 @@ def test_a_real_calibration_is_kept_and_planned_with(store: Paths, patched_build
     p = plan(smollm2, live_hardware, BuildFacts.from_build(patched_build, paths), TuneRequest(), loaded)
     assert p.settings.threads == measured.chosen.threads and p.settings.ubatch == measured.chosen.ubatch
     assert p.reason("threads").startswith("measured:") and p.to_dict()["predicted"]["differs"] == []
+
+
+@pytest.mark.slow
+def test_the_real_server_accepts_a_calibrated_plan(patched_build: InstalledBuild, smollm2: ModelInfo,
+                                                   live_hardware: HardwareInfo, paths: Paths) -> None:
+    """The flags only a calibration plans (``--poll``, ``--no-repack``) and its memory estimate without repacking."""
+    cal = calibration(CalibrationKey.create(patched_build, smollm2.path, live_hardware), poll=0, repack=False)
+    p = plan(smollm2, live_hardware, BuildFacts.from_build(patched_build, paths), TuneRequest(), cal)
+    assert "--no-repack" in p.args and "--poll" in p.args
+    assert p.memory.repack_bytes == 0 and not p.settings.load_mode_none  # nothing repacked: nothing read instead
+    server = serve.start_server(serve.ServerConfig(binary=patched_build.bin("llama-server"), model=smollm2.path,
+                                                   args=p.args))
+    try:
+        assert serve.complete(server, "Hello", n_predict=4)["content"] is not None
+    finally:
+        server.stop()
