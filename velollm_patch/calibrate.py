@@ -3,9 +3,10 @@
 A bounded coordinate descent with the build's own ``llama-bench``: the decode and prompt threads first,
 then ``--poll``, the ubatch, flash attention, the KV types and weight repacking, each tried with the
 best of the knobs before it, and a last run of the chosen settings that gives the plan its predicted
-tokens/s. A candidate replaces the default only when it is faster by more than :data:`TIE_FRACTION`:
-two runs of the same settings differ by a few percent here, and a default that ties keeps the plan
-as the planner would choose it without a measurement.
+tokens/s (llama-bench's: a server request, with its HTTP and sampling, sees less; docs/benchmarks/tuner.md).
+A candidate replaces the default only when it is faster by more than :data:`TIE_FRACTION` and by more than
+the repetitions' spread: two runs of the same settings differ by a few percent on a quiet machine, and a
+default that ties keeps the plan as the planner would choose it without a measurement.
 
 What is measured is kept under the cache directory, one file per build x model, with the key it was
 made for (build id, the model file's path, size and mtime, the machine's fingerprint). :func:`load`
@@ -50,7 +51,7 @@ FORMAT_VERSION = 1
 PROMPT_TOKENS = 512
 GEN_TOKENS = 32
 REPEATS = 3
-# A candidate must beat the current choice by this much to replace it (run-to-run noise is a few percent).
+# A candidate must beat the current choice by this much (and by the spreads) to replace it.
 TIE_FRACTION = 0.05
 # llama-bench's defaults (common/common.h, tools/llama-bench): the starting point of the search.
 DEFAULT_POLL = 50
