@@ -271,7 +271,7 @@ def bench_run(target: str, server_args: str | None, tuned: tuple[str, str] | Non
         # The prediction is for the plan's flags; with more flags it is not this run's.
         checked = check_against_bench(plan.calibration, result.scenarios)
         if checked:
-            console.print(f"tune --measure predicted {checked}")
+            console.print(f"the calibration (tune --measure) vs this run: {checked}")
     _finish(result, options["as_json"])
 
 
