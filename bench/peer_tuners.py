@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import shlex
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from velollm_patch import builds, proc
-from velollm_patch.bench.metrics import geometric_means
+from velollm_patch.bench.metrics import geometric_means, ratio_table
 from velollm_patch.bench.runner import ABResult, load_result
 from velollm_patch.errors import VelollmError
 from velollm_patch.model_ref import resolve_model
@@ -160,6 +161,12 @@ def summary_rows(results: dict[str, ABResult]) -> dict[str, dict[str, float]]:
             for name, ab in results.items()}  # fmt: skip
 
 
+def round_spread(ab: ABResult, metric: str = "aggregate_tps") -> list[float]:
+    """The same geometric mean for each round alone: how far two rounds of one comparison disagree."""
+    pairs = [(r.a.headline(), r.b.headline()) for r in ab.rounds if r.a is not None and r.b is not None]
+    return [geometric_means(ratio_table([pair])).get(metric, (math.nan, 0))[0] for pair in pairs]
+
+
 # -- running the peers ------------------------------------------------------------------------------------------
 
 
@@ -179,7 +186,8 @@ class Context:
     model: Path
     lock: Path | None
     optimus_trials: int
-    work: Path
+    work: Path  # the peers' temporary HOMEs
+    logs: Path  # where a peer's own search output is kept
 
     def env(self, peer: str) -> dict[str, str]:
         home = tempfile.mkdtemp(prefix=f"home-{peer}-", dir=self.work)
@@ -216,7 +224,7 @@ def _optimus(ctx: Context) -> PeerFlags:
 
     with contextlib.suppress(_Found):
         proc.run(locked(ctx.lock, argv), env=ctx.env("llama-optimus"), what="llama-optimus", timeout=1800,
-                 on_line=on_line)  # fmt: skip
+                 on_line=on_line, log_file=ctx.logs / "llama-optimus-search.log")  # fmt: skip
     if not found:
         raise VelollmError("llama-optimus printed no llama-server command")
     return PeerFlags("llama-optimus", f"ran `{shlex.join(argv)}` (llama-optimus 0.1.9) under the CPU lock",
@@ -277,13 +285,17 @@ def _bench_ab(
     return loaded
 
 
-def _markdown(flags: list[PeerFlags], rows: dict[str, dict[str, float]], runs: dict[str, list[str]]) -> str:
-    lines = ["| A (vanilla build) | B | aggregate B/A | decode B/A | prompt B/A | peak RSS B/A |",
+def _markdown(
+    flags: list[PeerFlags], rows: dict[str, dict[str, float]], spread: dict[str, list[float]],
+    runs: dict[str, list[str]],
+) -> str:  # fmt: skip
+    lines = ["| A (vanilla build) | B | aggregate B/A [per round] | decode B/A | prompt B/A | peak RSS B/A |",
              "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for name, row in rows.items():
         peers, target = runs[name]
-        lines.append(f"| {peers} | {target} | " + " | ".join(f"×{row[m]:.3f}" if m in row else "–" for m in METRICS)
-                     + " |")  # fmt: skip
+        cells = [f"×{row[m]:.3f}" if m in row else "–" for m in METRICS]
+        cells[0] += " [" + ", ".join(f"{r:.2f}" for r in spread[name]) + "]"
+        lines.append(f"| {peers} | {target} | " + " | ".join(cells) + " |")
     lines += ["", "| peer | flags (vanilla llama-server) | dropped | how obtained |", "|---|---|---|---|"]
     for f in flags:
         lines.append(f"| {f.peer} | `{shlex.join(f.args)}` | {'; '.join(f.dropped) or '–'} | {f.how} |")
@@ -333,7 +345,7 @@ def _main() -> int:
     flags: list[PeerFlags] = []
     with tempfile.TemporaryDirectory(prefix="peer-tuners-") as work:  # the peers' HOMEs, gone afterwards
         ctx = Context(args.peers_venv, vanilla.bin("llama-server").parent, model, args.lock, args.optimus_trials,
-                      Path(work))  # fmt: skip
+                      Path(work), args.out)  # fmt: skip
         for name in names:
             got = known.get(name) or OBTAIN[name](ctx)
             got.args, got.dropped = usable_args(got.raw, accepted)
@@ -367,10 +379,11 @@ def _main() -> int:
         rows = summary_rows(results)
     summary: dict[str, Any] = {
         "model": str(model), "vanilla": vanilla.build_id, "strongest_peer": strongest, "geomeans": rows,
+        "aggregate_per_round": {k: round_spread(ab) for k, ab in results.items()},
         "commands": {k: {"a": ab.a.command, "b": ab.b.command} for k, ab in results.items()},
     }  # fmt: skip
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    markdown = _markdown(flags, rows, runs)
+    markdown = _markdown(flags, rows, summary["aggregate_per_round"], runs)
     (args.out / "summary.md").write_text(markdown)
     print(markdown)
     return 0
