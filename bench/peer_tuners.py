@@ -20,7 +20,8 @@ Flags this llama-server does not accept (not in its ``--help``, or a flag that n
 dropped and listed; ``-m``, ``--host``, ``--port`` and ``--metrics`` are the bench's own. Then, one locked
 ``velollm-patch bench ab`` per distinct flag set: A = the vanilla build with the peer's flags, B = the same build
 with the tuner's plan (``--b-tuned chat``), and once more with B on the patched build against the strongest peer.
-Every run is resumable: a comparison whose ``result.json`` exists is not run again.
+Every run is resumable: a peer already in ``flags.json`` is not asked again, and a comparison whose
+``result.json`` exists is not run again (a second call only rewrites the summary).
 
     python bench/peer_tuners.py --model smollm2-135m --out runs/peers/smollm2 --lock /work/shared/cpu.lock
 
