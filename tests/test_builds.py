@@ -19,12 +19,14 @@ def tmp_paths(tmp_path: Path) -> Paths:
     return Paths(data=tmp_path / "data", cache=tmp_path / "cache")
 
 
-def _install(paths: Paths, build_id: str, patches: list[str], created: str) -> builds.InstalledBuild:
+def _install(paths: Paths, build_id: str, patches: list[str], created: str, backend: str = "cpu",
+             commit: str = "0c1e570") -> builds.InstalledBuild:
     staging = builds.staging_dir(paths, build_id)
     (staging / "bin").mkdir(parents=True)
     (staging / "bin" / "llama-server").write_text("#!/bin/sh\n")
     manifest = {"build_id": build_id, "created": created, "patches": [{"name": n} for n in patches],
-                "patch_level": "velollm-1:" + ",".join(patches) if patches else ""}
+                "patch_level": "velollm-1:" + ",".join(patches) if patches else "", "backend": backend,
+                "source": {"commit": commit}}
     (staging / builds.MANIFEST).write_text(json.dumps(manifest))
     return builds.install_staged(paths, staging, build_id)
 
@@ -57,6 +59,20 @@ def test_find_build_by_prefix_and_flavour(tmp_paths: Paths) -> None:
         builds.find_build(tmp_paths, "zzz")
     with pytest.raises(VelollmError, match="no build is current yet"):
         builds.find_build(tmp_paths, "current")
+
+
+def test_vanilla_and_patched_prefer_the_current_builds_backend_and_pin(tmp_paths: Paths) -> None:
+    cpu_vanilla = _install(tmp_paths, "a-cpu-vanilla", [], "2026-11-01")
+    current = _install(tmp_paths, "a-cpu-patched", ["build-stamp"], "2026-11-02")
+    _install(tmp_paths, "b-cpu-vanilla", [], "2026-11-03", commit="4df29be")
+    _install(tmp_paths, "a-vulkan-vanilla", [], "2026-11-04", backend="vulkan")
+    assert builds.find_build(tmp_paths, "vanilla").build_id == "a-vulkan-vanilla"  # no current: the newest
+    builds.set_current(tmp_paths, current)
+    assert builds.find_build(tmp_paths, "vanilla") == cpu_vanilla
+    builds.remove_build(tmp_paths, cpu_vanilla)
+    assert builds.find_build(tmp_paths, "vanilla").build_id == "b-cpu-vanilla"  # the same backend, another pin
+    builds.set_current(tmp_paths, _install(tmp_paths, "c-rocm-patched", ["build-stamp"], "2026-11-05", "rocm"))
+    assert builds.find_build(tmp_paths, "vanilla").build_id == "a-vulkan-vanilla"  # none alike: the newest
 
 
 def test_remove_refuses_current_without_force(tmp_paths: Paths) -> None:

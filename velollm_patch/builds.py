@@ -50,6 +50,14 @@ class InstalledBuild:
     def has_patch(self, name: str) -> bool:
         return name in self.patch_names
 
+    @property
+    def backend(self) -> str:
+        return str(self.manifest.get("backend", "cpu"))
+
+    @property
+    def upstream_commit(self) -> str:
+        return str(self.manifest.get("source", {}).get("commit", ""))
+
 
 def read_build(directory: Path) -> InstalledBuild:
     try:
@@ -71,7 +79,9 @@ def list_builds(paths: Paths) -> list[InstalledBuild]:
 
 
 def find_build(paths: Paths, build_id: str) -> InstalledBuild:
-    """A build by id or unique id prefix, or ``current``, ``vanilla``/``patched`` (newest of each)."""
+    """A build by id or unique id prefix, or ``current``, ``vanilla``/``patched``: the newest of each, among
+    those of the current build's backend and upstream commit first (``bench ab vanilla current`` compares like
+    with like when a Vulkan or an older pin's build is newer), then of its backend, then any."""
     builds = list_builds(paths)
     if build_id == "current":
         current = current_build(paths)
@@ -83,6 +93,12 @@ def find_build(paths: Paths, build_id: str) -> InstalledBuild:
         if not wanted:
             hint = "--patches none" if build_id == "vanilla" else ""
             raise VelollmError(f"no {build_id} build is installed: run `velollm-patch build {hint}`".rstrip())
+        current = current_build(paths)
+        if current is not None:
+            for alike in (lambda b: (b.backend, b.upstream_commit) == (current.backend, current.upstream_commit),
+                          lambda b: b.backend == current.backend):
+                if preferred := [b for b in wanted if alike(b)]:
+                    return preferred[-1]
         return wanted[-1]
     matches = [b for b in builds if b.build_id.startswith(build_id)]
     if len(matches) == 1:

@@ -107,7 +107,7 @@ class CalibrationKey:
 def machine_fingerprint(build: InstalledBuild, hw: HardwareInfo) -> str:
     cpu = hw.cpu
     gpus = ", ".join(g.name for g in hw.gpus) or "no GPU"
-    backend = str(build.manifest.get("backend", "cpu"))
+    backend = build.backend
     return (
         f"{cpu.model}, {cpu.physical_cores} cores/{cpu.logical_cores} threads, "
         f"{round(hw.memory.total_bytes / GiB)} GiB, {gpus}, {backend} build"

@@ -141,7 +141,7 @@ class BuildFacts:
         pairs = build.manifest.get("fa_kv_pairs")
         cmake_args = set(build.manifest.get("cmake_args", ()))
         amx = "-DGGML_AMX_INT8=ON" in cmake_args
-        backend = str(build.manifest.get("backend", "cpu"))
+        backend = build.backend
         return cls(
             build_id=build.build_id,
             backend=backend,
