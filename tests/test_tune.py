@@ -1085,5 +1085,8 @@ def test_tune_command(patched_build: InstalledBuild, smollm2_gguf: Path) -> None
     assert result.exit_code == 0 and "export LLAMA_ARG_CTX_SIZE=" in result.output
     result = runner.invoke(main, ["tune", str(smollm2_gguf)])
     assert result.exit_code == 0 and "kv_types" in result.output and "command: llama-server" in result.output
+    result = runner.invoke(main, ["tune", str(smollm2_gguf), "--machine", "shared", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "--poll" in json.loads(result.output)["args"]
     result = runner.invoke(main, ["tune", str(smollm2_gguf), "--profile", "turbo"])
     assert result.exit_code == 2
