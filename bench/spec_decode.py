@@ -44,6 +44,7 @@ from typing import Any
 import psutil
 
 from velollm_patch import serve
+from velollm_patch.bench.load import CONDITIONS, bench_condition
 from velollm_patch.bench.runner import round_order
 from velollm_patch.paths import get_paths
 from velollm_patch.server_flags import read_server_flags
@@ -320,6 +321,8 @@ def main() -> int:
                     help="upstream n-gram configurations to compare, code-edit workload")
     ap.add_argument("--threads", type=int, default=max(1, psutil.cpu_count(logical=False) or 1))
     ap.add_argument("--skip", default="", help="comma separated: draft,edit,ctx")
+    ap.add_argument("--condition", choices=CONDITIONS, default="quiet",
+                    help="busy: one core kept busy by a spinning process for the whole run (issue #34)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="spec-bench-"))
@@ -342,12 +345,14 @@ def main() -> int:
         "logs": str(tmp),
     }
     t0 = time.monotonic()
-    if "draft" not in skip:
-        result["draft"] = bench_draft(args, tmp)
-    if "edit" not in skip:
-        result["code_edit"] = bench_code_edit(args, tmp)
-    if "ctx" not in skip:
-        result["draft_ctx"] = bench_draft_ctx(args, tmp)
+    with bench_condition(args.condition) as condition:
+        result["condition"] = condition.to_dict()
+        if "draft" not in skip:
+            result["draft"] = bench_draft(args, tmp)
+        if "edit" not in skip:
+            result["code_edit"] = bench_code_edit(args, tmp)
+        if "ctx" not in skip:
+            result["draft_ctx"] = bench_draft_ctx(args, tmp)
     result["wall_s"] = time.monotonic() - t0
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out} ({result['wall_s']:.0f} s); logs in {tmp}")

@@ -24,7 +24,7 @@ from velollm_patch.builds import InstalledBuild, read_build
 from velollm_patch.calibrate import BenchPoint, Calibration, CalibrationKey, Measurement
 from velollm_patch.cli import main
 from velollm_patch.errors import VelollmError
-from velollm_patch.hardware import HardwareInfo
+from velollm_patch.hardware import HardwareInfo, HostLoad
 from velollm_patch.model import ModelInfo, inspect_model
 from velollm_patch.paths import Paths
 from velollm_patch.server_flags import ServerFlags, read_server_flags
@@ -210,6 +210,16 @@ def test_repacking_measured_slower_is_turned_off(smollm2: ModelInfo, flags: Serv
     assert p.reason("repack").startswith("measured: off decodes 180 tok/s (140 at on)")
 
 
+def test_cores_taken_now_outrank_the_calibrations_threads(smollm2: ModelInfo, flags: ServerFlags,
+                                                          smollm2_gguf: Path) -> None:
+    """A calibration is measured on a quiet machine; another program's load when planning decides -t and --poll."""
+    cal = calibration(key_for(smollm2_gguf), threads=2, threads_batch=2, poll=50)
+    busy = plan(smollm2, MACHINE, facts(flags), TuneRequest(), cal, HostLoad((100.0, 3.0), 0.0, 1.0))
+    assert (busy.settings.threads, busy.settings.threads_batch, busy.settings.poll) == (1, 1, 0)
+    assert "cores are taken" in busy.reason("threads") and busy.calibration is cal
+    assert "threads 1 (measured 2)" in busy.to_dict()["predicted"]["differs"]
+
+
 def test_the_memory_profile_keeps_its_small_ubatch(smollm2: ModelInfo, flags: ServerFlags,
                                                    smollm2_gguf: Path) -> None:
     cal = calibration(key_for(smollm2_gguf), ubatch=512)
@@ -223,7 +233,8 @@ def test_plan_for_reads_the_cache(store: Paths, patched_build: InstalledBuild, s
     """Every consumer (tune, serve, up, bench --tuned, ollama modelfile --tuned) plans through plan_for."""
     key = CalibrationKey.create(patched_build, smollm2_gguf, live_hardware)
     calibrate.save(store, calibration(key, threads=1, threads_batch=1))
-    tuned = tune.plan_for(str(smollm2_gguf), live_hardware, patched_build, store, TuneRequest())
+    # machine dedicated: this machine's live load would rightly outrank the calibration's threads
+    tuned = tune.plan_for(str(smollm2_gguf), live_hardware, patched_build, store, TuneRequest(machine="dedicated"))
     assert tuned.calibration is not None and tuned.reason("threads").startswith("measured: -t 1")
 
 

@@ -28,7 +28,7 @@ from velollm_patch.builds import InstalledBuild
 from velollm_patch.cli import main
 from velollm_patch.drafts import find_draft_candidates
 from velollm_patch.errors import VelollmError
-from velollm_patch.hardware import HardwareInfo, VulkanDevice
+from velollm_patch.hardware import HardwareInfo, HostLoad, VulkanDevice
 from velollm_patch.model import ModelInfo, inspect_model
 from velollm_patch.ollama.modelfile import tuned_parameters
 from velollm_patch.paths import Paths
@@ -66,6 +66,7 @@ HELP_EXCERPT = """\
                                         (env: LLAMA_ARG_THREADS)
 -tb,   --threads-batch N                number of threads to use during batch and prompt processing (default:
                                         same as --threads)
+--poll <0...100>                        use polling level to wait for work (0 - no polling, default: 50)
 -c,    --ctx-size N                     size of the prompt context (default: 0, 0 = loaded from model)
                                         (env: LLAMA_ARG_CTX_SIZE)
 --kv-unified-per-slot N                 context limit per parallel slot (default: unset, behavior unchanged).
@@ -480,6 +481,60 @@ def test_partial_offload_from_arithmetic(gemma3: ModelInfo, flags: ServerFlags) 
     # Layers stay on the CPU, so its threads matter again.
     assert arg(p, "--threads") == str(hw.cpu.physical_cores)
     assert arg(p, "--threads-batch") == str(hw.cpu.logical_cores)
+
+
+# --------------------------------------------------------------------------------------------
+# a busy machine
+# --------------------------------------------------------------------------------------------
+
+
+def load(*per_cpu: float, own: float = 0.0) -> HostLoad:
+    return HostLoad(per_cpu, own, 1.0)
+
+
+def test_a_core_busy_with_another_program_is_left_to_it(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    hw = recorded_hardware("cpu-2core")
+    p = plan(smollm2, hw, facts(flags), load=load(100.0, 4.0))
+    assert (arg(p, "--threads"), arg(p, "--threads-batch"), arg(p, "--poll")) == ("1", "1", "0")
+    assert "1 of 2 cores are taken" in p.reason("threads") and "1.0 CPUs busy" in p.reason("threads")
+    assert "sleep" in p.reason("poll")
+    assert p.settings.poll == 0
+
+
+def test_a_quiet_machine_keeps_todays_plan(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    hw = recorded_hardware("cpu-2core")
+    unmeasured = plan(smollm2, hw, facts(flags))
+    for quiet in (load(30.0, 10.0), load(100.0, 0.0, own=100.0)):  # the planner's own work is not load
+        p = plan(smollm2, hw, facts(flags), load=quiet)
+        assert p.args == unmeasured.args and "--poll" not in p.args
+        assert [c.key for c in p.choices] == [c.key for c in unmeasured.choices]
+    assert arg(unmeasured, "--threads") == "2" and arg(unmeasured, "--threads-batch") == "2"
+
+
+def test_machine_shared_and_dedicated(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    hw = recorded_hardware("cpu-2core")
+    shared = plan(smollm2, hw, facts(flags), TuneRequest(machine="shared"))
+    assert (arg(shared, "--threads"), arg(shared, "--poll")) == ("1", "0")
+    assert "--machine shared" in shared.reason("threads")
+    busy = load(100.0, 100.0)
+    dedicated = plan(smollm2, hw, facts(flags), TuneRequest(machine="dedicated"), load=busy)
+    assert arg(dedicated, "--threads") == "2" and "--poll" not in dedicated.args
+    # Both cores taken: one thread still runs, and says so.
+    full = plan(smollm2, hw, facts(flags), load=busy)
+    assert arg(full, "--threads") == "1" and "(at least one)" in full.reason("threads")
+    with pytest.raises(VelollmError, match="unknown machine"):
+        plan(smollm2, hw, facts(flags), TuneRequest(machine="laptop"))
+
+
+def test_busy_logical_cpus_count_as_their_share_of_a_core(smollm2: ModelInfo, flags: ServerFlags) -> None:
+    """On 24 cores / 32 threads (rtx4090's host), two busy hardware threads are 1.5 cores' worth: one core
+    taken; a single one (0.75 of a core) takes one too, half of one (0.375) none."""
+    hw = recorded_hardware("rtx4090")
+    cpu = facts(flags, "cpu")
+    rest = (0.0,) * 30
+    assert arg(plan(smollm2, hw, cpu, load=load(100.0, 100.0, *rest)), "--threads") == "23"
+    assert arg(plan(smollm2, hw, cpu, load=load(100.0, 0.0, *rest)), "--threads") == "23"
+    assert arg(plan(smollm2, hw, cpu, load=load(50.0, 0.0, *rest)), "--threads") == "24"
 
 
 def test_cpu_build_on_a_gpu_machine_plans_for_the_cpu(smollm2: ModelInfo, flags: ServerFlags) -> None:
@@ -1030,5 +1085,8 @@ def test_tune_command(patched_build: InstalledBuild, smollm2_gguf: Path) -> None
     assert result.exit_code == 0 and "export LLAMA_ARG_CTX_SIZE=" in result.output
     result = runner.invoke(main, ["tune", str(smollm2_gguf)])
     assert result.exit_code == 0 and "kv_types" in result.output and "command: llama-server" in result.output
+    result = runner.invoke(main, ["tune", str(smollm2_gguf), "--machine", "shared", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "--poll" in json.loads(result.output)["args"]
     result = runner.invoke(main, ["tune", str(smollm2_gguf), "--profile", "turbo"])
     assert result.exit_code == 2

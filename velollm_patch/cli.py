@@ -428,6 +428,11 @@ _PLAN_OPTIONS = [
         help="Also search this directory for draft models (repeatable).",
     ),
     click.option("--build", "build_id", default="current", show_default=True, help="Installed build to plan for."),
+    click.option(
+        "--machine", type=click.Choice(tune.MACHINES), default="auto", show_default=True,
+        help="auto: measure other programs' CPU load for a second and leave their cores to them; shared: assume "
+             "another program keeps a core busy (laptops, shared boxes); dedicated: the CPUs are the server's.",
+    ),
 ]
 
 
@@ -463,13 +468,13 @@ def inspect_cmd(model: str, ctx: int | None, slots: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def tune_cmd(
     model: str, profile: str, workload: str, ctx: int | None, slots: int | None, draft: str,
-    draft_dirs: tuple[Path, ...], build_id: str, measure: bool, as_env: bool, as_json: bool,
+    draft_dirs: tuple[Path, ...], build_id: str, machine: str, measure: bool, as_env: bool, as_json: bool,
 ) -> None:
     """Plan llama-server settings for MODEL on this machine and the installed build, with reasons (measured ones
     where `tune --measure` has measured them)."""
     paths = get_paths()
     hw = hardware.detect(build_dir=paths.cache)
-    request = tune.TuneRequest(profile, workload, ctx, slots, draft, draft_dirs)
+    request = tune.TuneRequest(profile, workload, ctx, slots, draft, draft_dirs, machine)
     build = builds.find_build(paths, build_id)
     plan = tune.plan_for(model, hw, build, paths, request)  # a model that cannot be served fails before measuring
     if measure:
@@ -494,13 +499,13 @@ def tune_cmd(
 @click.option("--port", type=int, default=8080, show_default=True)
 def serve_cmd(
     model: str, profile: str, workload: str, ctx: int | None, slots: int | None, draft: str,
-    draft_dirs: tuple[Path, ...], build_id: str, port: int,
+    draft_dirs: tuple[Path, ...], build_id: str, machine: str, port: int,
 ) -> None:
     """Tune for MODEL, then serve it on 127.0.0.1: warm-up, health checks, restart after a crash."""
     paths = get_paths()
     hw = hardware.detect(build_dir=paths.cache)
     build = builds.find_build(paths, build_id)
-    request = tune.TuneRequest(profile, workload, ctx, slots, draft, draft_dirs)
+    request = tune.TuneRequest(profile, workload, ctx, slots, draft, draft_dirs, machine)
     plan = tune.plan_for(model, hw, build, paths, request)
     _serve_plan(plan, build, port, paths.logs / "serve-server.log")
 

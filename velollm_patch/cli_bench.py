@@ -19,6 +19,7 @@ from rich.table import Table
 
 from velollm_patch import hardware, terminal, tune
 from velollm_patch.bench import history
+from velollm_patch.bench.load import CONDITIONS, bench_condition
 from velollm_patch.bench.metrics import RequestSample, ScenarioResult
 from velollm_patch.bench.report import (
     REPORT_NAME,
@@ -170,6 +171,9 @@ def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-context", type=int, help="Largest context-fill size in tokens (default: the server's)."),
         click.option("--seed", type=int, default=42, show_default=True),
         click.option("--timeout", type=float, default=600, show_default=True, help="Seconds allowed per request."),
+        click.option("--condition", type=click.Choice(CONDITIONS), default="quiet", show_default=True,
+                     help="busy: keep one core busy with a spinning process for the whole run (started before a "
+                          "--tuned plan is made, killed at the end), as on a shared machine or a laptop."),
         click.option("--quick", is_flag=True, help="A short run: 1 repeat, 32 tokens, 1-2 clients, up to 4K context."),
         click.option("--out", type=click.Path(path_type=Path), help="Directory for the result (default: under the "
                                                                      "bench directory, one per run)."),
@@ -261,11 +265,12 @@ def bench_run(target: str, server_args: str | None, tuned: tuple[str, str] | Non
     running llama-server or OpenAI-compatible server) or ollama:http://HOST:PORT.
     """
     config = _config(options)
-    spec, plan = _spec(target, options["model"], server_args, tuned)
-    opened = open_target(spec, get_paths(), request_timeout=config.request_timeout)
-    hw = _hardware()
-    with _display() as display:
-        result = run_bench(opened, config, hardware=hw, progress=RichProgress(display))
+    with bench_condition(options["condition"]) as condition:
+        spec, plan = _spec(target, options["model"], server_args, tuned)
+        opened = open_target(spec, get_paths(), request_timeout=config.request_timeout)
+        hw = _hardware()
+        with _display() as display:
+            result = run_bench(opened, config, hardware=hw, progress=RichProgress(display), condition=condition)
     _save(result, options["out"], not options["no_charts"])
     if plan is not None and plan.calibration is not None and not server_args:
         # The prediction is for the plan's flags; with more flags it is not this run's.
@@ -299,17 +304,19 @@ def bench_ab(
     config = _config(options)
     joined_a = " ".join(a for a in (server_args, a_args) if a) or None
     joined_b = " ".join(a for a in (server_args, b_args) if a) or None
-    spec_a, _ = _spec(target_a, options["model"], joined_a, a_tuned)
-    spec_b, _ = _spec(target_b, options["model"], joined_b, b_tuned)
-    if spec_a.label == spec_b.label:
-        raise VelollmError("A and B are the same target with the same flags: use other builds or --a-args/--b-args")
-    paths = get_paths()
-    for spec in (spec_a, spec_b):
-        # Look up both builds and models now, not after the first round has run for minutes.
-        open_target(spec, paths).stop()
-    hw = _hardware()
-    with _display() as display:
-        result = run_ab(spec_a, spec_b, config, rounds, paths=paths, hardware=hw, progress=RichProgress(display))
+    with bench_condition(options["condition"]) as condition:
+        spec_a, _ = _spec(target_a, options["model"], joined_a, a_tuned)
+        spec_b, _ = _spec(target_b, options["model"], joined_b, b_tuned)
+        if spec_a.label == spec_b.label:
+            raise VelollmError("A and B are the same target with the same flags: use other builds or --a-args/--b-args")
+        paths = get_paths()
+        for spec in (spec_a, spec_b):
+            # Look up both builds and models now, not after the first round has run for minutes.
+            open_target(spec, paths).stop()
+        hw = _hardware()
+        with _display() as display:
+            result = run_ab(spec_a, spec_b, config, rounds, paths=paths, hardware=hw, progress=RichProgress(display),
+                            condition=condition)
     if not any(r.complete for r in result.rounds) and result.status == "failed":
         raise VelollmError(result.error or "the A/B run failed")
     _save(result, options["out"], not options["no_charts"])

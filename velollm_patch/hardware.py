@@ -18,6 +18,7 @@ import platform
 import re
 import shlex
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -770,6 +771,44 @@ def probe_tool(name: str) -> Tool:
         return Tool(name, None, None)
     output = _output([path, *command[1:], "--version"])
     return Tool(name, path, parse_tool_version(name, output) if output is not None else None)
+
+
+# --- load ------------------------------------------------------------------------------------
+
+# How long the tuner watches the CPUs before planning: long enough to average over a scheduler's time slices
+# and a bursty job's gaps, short enough not to be noticed at start-up.
+LOAD_SAMPLE_S = 1.0
+
+
+@dataclass(frozen=True)
+class HostLoad:
+    """How busy the CPUs were with other programs over a short sample, taken when a plan is made (not part of
+    :class:`HardwareInfo`, which describes the machine rather than the moment)."""
+
+    per_cpu_percent: tuple[float, ...]
+    """Utilisation of each logical CPU, 0-100, everything on the machine included."""
+    own_percent: float
+    """This process's share over the same sample (100 = one CPU), which is not load on the server's behalf."""
+    interval_s: float
+
+    @property
+    def busy_cpus(self) -> float:
+        """Logical CPUs' worth of work that other programs did during the sample."""
+        return max(0.0, (sum(self.per_cpu_percent) - self.own_percent) / 100)
+
+    def describe(self) -> str:
+        per_cpu = " ".join(f"{p:.0f}%" for p in self.per_cpu_percent)
+        return f"{self.busy_cpus:.1f} CPUs busy with other programs over {self.interval_s:.1f} s ({per_cpu})"
+
+
+def probe_host_load(interval_s: float = LOAD_SAMPLE_S) -> HostLoad:
+    """Sample every CPU's utilisation and this process's own for ``interval_s`` (blocking)."""
+    me = psutil.Process()
+    me.cpu_percent(None)
+    psutil.cpu_percent(None, percpu=True)
+    time.sleep(interval_s)
+    per_cpu = psutil.cpu_percent(None, percpu=True)
+    return HostLoad(tuple(float(p) for p in per_cpu), float(me.cpu_percent(None)), interval_s)
 
 
 # --- detection -------------------------------------------------------------------------------

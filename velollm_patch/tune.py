@@ -33,7 +33,7 @@ from velollm_patch.builds import InstalledBuild
 from velollm_patch.calibrate import Calibration
 from velollm_patch.drafts import DraftCandidate, draft_compatibility, find_draft_candidates
 from velollm_patch.errors import VelollmError
-from velollm_patch.hardware import GPUInfo, HardwareInfo
+from velollm_patch.hardware import GPUInfo, HardwareInfo, HostLoad, probe_host_load
 from velollm_patch.kv_types import KV_CACHE_TYPES, is_quantized
 from velollm_patch.model import ModelInfo, inspect_model
 from velollm_patch.model_ref import resolve_model
@@ -45,6 +45,9 @@ log = logging.getLogger("velollm_patch.tune")
 
 PROFILES = ("speed", "balanced", "quality", "memory")
 WORKLOADS = ("chat", "code", "edit")
+# Whose CPUs: ``auto`` measures other programs' load when planning, ``shared`` assumes another program keeps a
+# core busy (a laptop, a shared box, whatever the moment of planning shows), ``dedicated`` ignores any load.
+MACHINES = ("auto", "shared", "dedicated")
 
 # Patches of our series the planner knows how to use (patches/llama.cpp/<pin>/series.toml names).
 KV_ON_DEMAND_PATCH = "kv-on-demand"
@@ -99,6 +102,9 @@ UPSTREAM_CACHE_RAM_MIB = 8192
 # vocabulary's token texts, scores and lookup maps (~150 bytes a token).
 RUNTIME_BASE_BYTES = 20 * MiB
 VOCAB_HEAP_BYTES_PER_TOKEN = 150
+# A core counts as taken by other programs from 0.75 of one core's worth of their work on it (after the
+# sampled CPUs are converted to physical cores): below that a thread there still gets most of its time slices.
+BUSY_CORE_FRACTION = 0.75
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,8 +178,12 @@ class TuneRequest:
     draft: str = "auto"
     """``auto`` (search local models), ``none``, or a GGUF path."""
     draft_dirs: tuple[Path, ...] = ()
+    machine: str = "auto"
+    """One of :data:`MACHINES`: plan for other programs' CPU load as measured, assumed, or not at all."""
 
     def validate(self) -> None:
+        if self.machine not in MACHINES:
+            raise VelollmError(f"unknown machine '{self.machine}': choose one of {', '.join(MACHINES)}")
         if self.profile not in PROFILES:
             raise VelollmError(f"unknown profile '{self.profile}': choose one of {', '.join(PROFILES)}")
         if self.workload not in WORKLOADS:
@@ -248,7 +258,8 @@ class Settings:
     lazy_embeddings: bool = False
     """``--lazy-mode embd`` (patch lazy-token-embd): the token embedding stays mapped, its rows read on demand."""
     poll: int | None = None
-    """``--poll``, as measured by ``tune --measure``; None: the server's default."""
+    """``--poll``: how long idle threads spin for work (0-100), as measured by ``tune --measure``, or 0 on a busy
+    machine; None: the server's default (50)."""
     repack: bool = True
     """Weights repacked for this CPU (the server's default); False (``--no-repack``) only where measured faster."""
 
@@ -591,7 +602,7 @@ class _ServerPlanner:
 
     def __init__(
         self, model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneRequest,
-        calibration: Calibration | None = None,
+        calibration: Calibration | None = None, load: HostLoad | None = None,
     ) -> None:
         self.model = model
         self.hw = hw
@@ -599,6 +610,8 @@ class _ServerPlanner:
         self.req = request
         self.calibration = calibration
         """What ``tune --measure`` measured here: its values replace the guesses for the knobs it measured."""
+        self.load = load
+        """Other programs' CPU load when planning; None: not measured."""
         self.choices: list[Choice] = []
 
     def note(self, key: ChoiceKey, value: object, reason: str) -> None:
@@ -657,22 +670,56 @@ class _ServerPlanner:
 
     # -- the decisions --------------------------------------------------------------------------
 
-    def threads(self, backend: str, all_on_gpu: bool) -> tuple[int, int]:
+    def busy_cores(self) -> tuple[int, str] | None:
+        """Physical cores that other programs keep busy, and how the planner knows; None: the CPUs are ours."""
+        if self.req.machine == "dedicated":
+            return None
         cpu = self.hw.cpu
         physical = max(1, cpu.physical_cores)
         logical = max(physical, cpu.logical_cores)
+        measured = 0
+        if self.load is not None:
+            # Work on a logical CPU takes its share of a physical core (half of one with two threads per core).
+            measured = math.floor(self.load.busy_cpus * physical / logical + 1 - BUSY_CORE_FRACTION)
+        if self.req.machine == "shared" and measured < 1:
+            return 1, "--machine shared: another program may keep a core busy"
+        if measured < 1 or self.load is None:
+            return None
+        return min(measured, physical), f"measured when planning: {self.load.describe()}"
+
+    def threads(self, backend: str, all_on_gpu: bool) -> tuple[int, int, int | None]:
+        """``-t``, ``-tb`` and ``--poll`` (None: upstream's)."""
+        cpu = self.hw.cpu
+        physical = max(1, cpu.physical_cores)
+        logical = max(physical, cpu.logical_cores)
+        busy = self.busy_cores()
+        if busy is not None:
+            taken, how = busy
+            threads = max(1, physical - taken)
+            if all_on_gpu:
+                threads = min(threads, 4)
+            self.note(
+                "threads", f"-t {threads} -tb {threads}",
+                f"{taken} of {physical} cores are taken ({how}): llama.cpp's threads wait for each other at every "
+                "step, and one that shares a core with another program stalls them all, so one thread per free core"
+                + ("" if physical > taken else " (at least one)"),
+            )
+            self.note(
+                "poll", 0, "idle threads sleep instead of spinning, leaving their time slices to the other programs",
+            )
+            return threads, threads, 0
         if all_on_gpu:
             # The CPU only schedules GPU work; more threads just spin in the thread pool's barrier.
             threads = min(physical, 4)
             self.note("threads", f"-t {threads} -tb {threads}", "all layers on the GPU: the CPU only feeds it")
-            return threads, threads
+            return threads, threads, None
         threads, batch = physical, logical
         self.note(
             "threads", f"-t {threads} -tb {batch}",
             f"generation is memory-bound: one thread per physical core ({physical}); prompt processing is "
             f"compute-bound and uses every hardware thread ({logical})",
         )
-        return threads, batch
+        return threads, batch, None
 
     def context(self) -> tuple[int, int]:
         m, req = self.model, self.req
@@ -1243,12 +1290,15 @@ def _oracle_memory(build: BuildFacts, model: ModelInfo, s: Settings, on_demand: 
 def plan(
     model: ModelInfo, hw: HardwareInfo, build: BuildFacts, request: TuneRequest | None = None,
     calibration: Calibration | None = None,
+    load: HostLoad | None = None,
 ) -> Plan:
     """Choose every knob for serving ``model`` on ``hw`` with ``build``; every choice carries its reason. With a
-    ``calibration`` (``tune --measure``), the knobs it measured take its values and the plan predicts tokens/s."""
+    ``calibration`` (``tune --measure``), the knobs it measured take its values and the plan predicts tokens/s.
+    ``load``: other programs' CPU load when planning (None: not measured, the CPUs count as free unless
+    ``machine`` is ``shared``); cores it takes outrank the calibration's threads and ``--poll``."""
     req = request or TuneRequest()
     req.validate()
-    p = _ServerPlanner(model, hw, build, req, calibration)
+    p = _ServerPlanner(model, hw, build, req, calibration, load)
     backend = p.backend()
     ctx, slots = p.context()
     flash_attn = p.flash_attention(backend)
@@ -1288,12 +1338,14 @@ def plan(
     all_on_gpu = False
     if backend != "cpu":
         settings, all_on_gpu = _offload(p, model, settings, fits(type_k, type_v))
-    if calibration is not None:
+    if calibration is not None and p.busy_cores() is None:
         threads, threads_batch = p.measured_threads(calibration)
         poll, repack = p.measured_switches(calibration)
         settings = replace(settings, poll=poll, repack=repack)
     else:
-        threads, threads_batch = p.threads(backend, all_on_gpu)
+        # A calibration is measured on a quiet machine: cores other programs take now decide threads and --poll.
+        threads, threads_batch, poll = p.threads(backend, all_on_gpu)
+        settings = replace(settings, poll=poll)
     settings = replace(settings, threads=threads, threads_batch=threads_batch)
     memory = None
     if build.fit_params is not None:
@@ -1410,10 +1462,12 @@ def plan_for(
     model_ref: str | None, hw: HardwareInfo, build: InstalledBuild, paths: Paths, request: TuneRequest
 ) -> Plan:
     """The CLI's entry: resolve the model (see :func:`~velollm_patch.model_ref.resolve_model`), read the build's
-    facts, plan."""
+    facts, measure other programs' CPU load (``machine`` auto or shared), plan."""
+    request.validate()
     info = inspect_model(resolve_model(paths, model_ref))
     calibration = calibrate.load(paths, calibrate.CalibrationKey.create(build, info.path, hw))
-    return plan(info, hw, BuildFacts.from_build(build, paths), request, calibration)
+    load = probe_host_load() if request.machine != "dedicated" else None
+    return plan(info, hw, BuildFacts.from_build(build, paths), request, calibration, load)
 
 
 def shell_env(env: dict[str, str]) -> list[str]:

@@ -119,6 +119,7 @@ def run_markdown(run: RunResult, charts: Sequence[Path] = ()) -> str:
         f"- run `{run.id}`, {run.created}, status **{run.status}**, {run.duration_s:,.0f} s",
         *_target_lines(run.target),
         f"- machine: {_machine(run.hardware)}",
+        f"- condition: {run.condition.describe()}",
         _settings_line(run), "",
         "| scenario | point | n | decode tok/s min / median / max | prompt tok/s | TTFT p50 | latency p50 / p95 "
         "| aggregate tok/s | peak RSS | KV committed | draft acceptance |",
@@ -187,6 +188,7 @@ def ab_markdown(ab: ABResult, charts: Sequence[Path] = ()) -> str:
         f"- A/B `{ab.id}`, {ab.created}, status **{ab.status}**, {complete} of {ab.rounds_planned} rounds, "
         f"{ab.duration_s:,.0f} s; order {' '.join(r.order for r in ab.rounds)} (a fresh server per run)",
         f"- machine: {_machine(ab.hardware)}",
+        f"- condition: {ab.condition.describe()}",
     ]
     if first is not None:
         lines.append(_settings_line(first))

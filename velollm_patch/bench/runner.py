@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from velollm_patch.bench.load import QUIET, Condition
 from velollm_patch.bench.metrics import (
     KV_COMMITTED_METRIC,
     MemorySampler,
@@ -117,6 +118,8 @@ class RunResult:
     status: str = "complete"
     duration_s: float = 0.0
     events: list[str] = field(default_factory=list)
+    condition: Condition = QUIET
+    """What else the machine was running (``--condition busy``: a load the bench started)."""
 
     def headline(self) -> dict[str, float]:
         """Every measured point's headline numbers, keyed ``scenario[@label].metric``."""
@@ -132,7 +135,7 @@ class RunResult:
         return {
             "schema": RUN_SCHEMA, "kind": "run", "id": self.id, "created": self.created, "status": self.status,
             "duration_s": self.duration_s, "target": self.target.to_dict(), "hardware": dict(self.hardware),
-            "config": self.config.to_dict(), "events": list(self.events),
+            "config": self.config.to_dict(), "events": list(self.events), "condition": self.condition.to_dict(),
             "scenarios": [s.to_dict() for s in self.scenarios],
         }
 
@@ -143,7 +146,7 @@ class RunResult:
             hardware=dict(data.get("hardware") or {}), config=BenchConfig.from_dict(data.get("config") or {}),
             scenarios=[ScenarioResult.from_dict(s) for s in data.get("scenarios") or ()],
             status=str(data.get("status") or "complete"), duration_s=float(data.get("duration_s") or 0),
-            events=[str(e) for e in data.get("events") or ()],
+            events=[str(e) for e in data.get("events") or ()], condition=Condition.from_dict(data.get("condition")),
         )
 
 
@@ -319,6 +322,7 @@ def run_bench(
     hardware: Mapping[str, Any],
     progress: Progress | None = None,
     run_id: str | None = None,
+    condition: Condition = QUIET,
 ) -> RunResult:
     """Start the target, run the configured scenarios, stop it.
 
@@ -329,6 +333,7 @@ def run_bench(
     scenarios = load_scenarios(config.scenarios)
     result = RunResult(
         id=run_id or new_id(target.spec.label), created=_now(), target=target.info, hardware=hardware, config=config,
+        condition=condition,
     )
     started = time.monotonic()
     sampler = MemorySampler(target.pids)
@@ -419,6 +424,7 @@ class ABResult:
     status: str = "complete"
     error: str | None = None
     duration_s: float = 0.0
+    condition: Condition = QUIET
 
     def ratios(self) -> list[RatioStats]:
         pairs = [(r.a.headline(), r.b.headline()) for r in self.rounds if r.a is not None and r.b is not None]
@@ -432,7 +438,7 @@ class ABResult:
             "schema": AB_SCHEMA, "kind": "ab", "id": self.id, "created": self.created, "status": self.status,
             "error": self.error, "duration_s": self.duration_s, "rounds_planned": self.rounds_planned,
             "a": self.a.to_dict(), "b": self.b.to_dict(), "hardware": dict(self.hardware),
-            "config": self.config.to_dict(),
+            "config": self.config.to_dict(), "condition": self.condition.to_dict(),
             # derived, for readers of the JSON; from_dict recomputes them from the rounds
             "ratios": [
                 {"key": r.key, "a_median": r.a_median, "b_median": r.b_median, "ratios": list(r.ratios),
@@ -451,7 +457,7 @@ class ABResult:
             rounds_planned=int(data.get("rounds_planned") or 0),
             rounds=[ABRound.from_dict(r) for r in data.get("rounds") or ()],
             status=str(data.get("status") or "complete"), error=data.get("error"),
-            duration_s=float(data.get("duration_s") or 0),
+            duration_s=float(data.get("duration_s") or 0), condition=Condition.from_dict(data.get("condition")),
         )
 
 
@@ -471,6 +477,7 @@ def run_ab(
     paths: Paths,
     hardware: Mapping[str, Any],
     progress: Progress | None = None,
+    condition: Condition = QUIET,
 ) -> ABResult:
     """``rounds`` rounds of A and B, one at a time, each run on a freshly started server.
 
@@ -486,6 +493,7 @@ def run_ab(
     ab = ABResult(
         id=new_id(spec_a.label, spec_b.label), created=_now(), a=TargetInfo(spec_a.kind, spec_a.ref, spec_a.label),
         b=TargetInfo(spec_b.kind, spec_b.ref, spec_b.label), hardware=hardware, config=config, rounds_planned=rounds,
+        condition=condition,
     )
     try:
         for number in range(rounds):
@@ -496,7 +504,8 @@ def run_ab(
                 progress.note(f"round {number + 1}/{rounds}: {side.upper()} = {spec.label}")
                 try:
                     run = run_bench(open_target(spec, paths, request_timeout=config.request_timeout), config,
-                                    hardware=hardware, progress=progress, run_id=f"{ab.id}-r{number + 1}{side}")
+                                    hardware=hardware, progress=progress, run_id=f"{ab.id}-r{number + 1}{side}",
+                                    condition=condition)
                 except VelollmError as exc:
                     ab.status, ab.error = "failed", f"{side.upper()} ({spec.label}) in round {number + 1}: {exc}"
                     return ab
