@@ -43,6 +43,7 @@ from tests.fake_ollama_install import (
 )
 from tests.helpers import write_gguf
 from velollm_patch import hardware, serve
+from velollm_patch.bench.load import bench_condition
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.cli import main
 from velollm_patch.model import inspect_model
@@ -250,6 +251,23 @@ def test_cli_takes_ollama_names_of_the_install(
     modelfile = _cli("ollama", "modelfile", "smollm2:135m", "--tuned")
     assert modelfile.exit_code == 0, modelfile.output
     assert "\nFROM smollm2:135m\n" in modelfile.stdout and "\nPARAMETER num_ctx " in modelfile.stdout
+
+
+@pytest.mark.slow
+def test_a_tuned_modelfile_keeps_its_threads_on_a_busy_machine(
+    smollm2_ollama_store: StoredModel, patched_build: InstalledBuild, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tune` and `serve` plan for the load they see; a Modelfile outlives the moment it is written in."""
+    physical = hardware.detect().cpu.physical_cores
+    if physical < 2:
+        pytest.skip("one core: no thread to leave to another program")
+    monkeypatch.setenv("OLLAMA_MODELS", str(smollm2_ollama_store.store))
+    with bench_condition("busy"):
+        tuned = _cli("tune", "smollm2:135m", "--json")
+        modelfile = _cli("ollama", "modelfile", "smollm2:135m", "--tuned")
+    assert tuned.exit_code == 0 and modelfile.exit_code == 0, (tuned.output, modelfile.output)
+    assert json.loads(tuned.stdout)["settings"]["threads"] < physical  # the load was seen
+    assert f"\nPARAMETER num_thread {physical}\n" in modelfile.stdout
 
 
 @pytest.mark.slow

@@ -50,11 +50,15 @@ def _version_option(value: str | None) -> str | None:
 
 
 def _tuner_plan(model: str, request: tune.TuneRequest) -> tune.Plan:
-    """The tuner's plan for ``model`` on this machine with the current build."""
+    """The tuner's plan for ``model`` on this machine with the current build. A Modelfile outlives the moment it
+    is written in, so its threads are not cut for a load that happens to run while it is made (``machine``
+    dedicated unless the request says shared)."""
     paths = get_paths()
     build = current_build(paths)
     if build is None:
         raise VelollmError("--tuned reads the installed llama-server's flags: run `velollm-patch build` first")
+    if request.machine == "auto":
+        request = replace(request, machine="dedicated")
     return tune.plan_for(model, hardware.detect(build_dir=paths.cache), build, paths, request)
 
 
