@@ -474,7 +474,9 @@ def test_cli_tuned_modelfile_carries_the_plan(patched_build: InstalledBuild, smo
     """`--tuned` (implied by --workload) writes the tuner's choices as PARAMETERs; the file passes the linter;
     options override it."""
     hw = hardware.detect(build_dir=paths.cache)
-    plan = tune.plan_for(str(smollm2_gguf), hw, patched_build, paths, tune.TuneRequest(workload="code"))
+    # a Modelfile is planned for the machine, not for the load of the moment (machine dedicated)
+    wanted = tune.TuneRequest(workload="code", machine="dedicated")
+    plan = tune.plan_for(str(smollm2_gguf), hw, patched_build, paths, wanted)
     result = CliRunner().invoke(main, ["ollama", "modelfile", str(smollm2_gguf), "--workload", "code"])
     assert result.exit_code == 0, result.output
     text = result.stdout
