@@ -38,7 +38,7 @@ from velollm_patch import proc
 from velollm_patch.bench.metrics import ScenarioResult
 from velollm_patch.builds import InstalledBuild
 from velollm_patch.errors import VelollmError
-from velollm_patch.hardware import HardwareInfo
+from velollm_patch.hardware import HardwareInfo, probe_host_load
 from velollm_patch.model import ModelInfo
 from velollm_patch.paths import Paths, ensure_dir
 from velollm_patch.units import GiB, MiB
@@ -58,7 +58,7 @@ DEFAULT_POLL = 50
 DEFAULT_UBATCH = 512
 POLL_CANDIDATES = (DEFAULT_POLL, 0)
 UBATCH_CANDIDATES = (DEFAULT_UBATCH, 256, 128)
-# A load average above this share of the hardware threads, before measuring, means other programs compete.
+# Other programs' work above this share of the hardware threads, before measuring, means they compete.
 BUSY_LOAD = 0.5
 # One llama-bench run loads the model and runs a few short tests; a model that needs longer is not one a
 # calibration of minutes can measure.
@@ -401,12 +401,11 @@ def measure(
     written: :func:`save` keeps the result."""
     binary = preflight(build, model, hw)
     key = CalibrationKey.create(build, model.path, hw)
-    load = os.getloadavg()[0]
-    if load > BUSY_LOAD * hw.cpu.logical_cores:
+    load = probe_host_load()  # the tuner's own measure of other programs' load (tune.py: busy cores)
+    if load.busy_cpus > BUSY_LOAD * hw.cpu.logical_cores:
         # Spinning threads of two programs slow each other several times over: the figures would be the busy
         # machine's, and the threads chosen fewer than a quiet machine wants.
-        log.warning("note: the machine is busy (load %.1f on %d threads); the calibration measures it as it is",
-                    load, hw.cpu.logical_cores)
+        log.warning("note: the machine is busy (%s); the calibration measures it as it is", load.describe())
     threads = thread_candidates(hw)
     quantized_kv = model.head_dims_allow_quantized_kv()
     total = len(threads) + len(POLL_CANDIDATES) + len(UBATCH_CANDIDATES) + 2 + (2 if quantized_kv else 0) + 2 + 1
